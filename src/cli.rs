@@ -1,0 +1,149 @@
+//! The command line. Doc comments here are the `--help` text; parsing of
+//! values lives in [`crate::config`], and turning flags into a [`Config`] is
+//! [`Cli::into_config`], a plain field-by-field mapping.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::{self, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, Upstream};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Spread clients on port 80 over two backends, round-robin
+  tcplb --listen 0.0.0.0:80 --upstream a:3031 --upstream b:3032
+
+  # IPv4 and IPv6, HTTP health checks, JSON logs
+  tcplb --listen 0.0.0.0:443 --listen [::]:443 --upstream web-1:8443 \\
+        --upstream web-2:8443 --health-check http:/healthz --log-format json
+
+  # Pure layer 4 (never writes a byte of its own), Redis
+  tcplb --listen 127.0.0.1:6380 --protocol tcp --upstream 10.0.0.5:6379
+
+Exit codes: 0 after a clean shutdown, 1 on a runtime error (address in use,
+permission denied), 2 on a usage error (bad flag value, unresolvable upstream).
+Signals: SIGTERM/SIGINT drain and exit; a second SIGINT exits at once.";
+
+/// A small, fast layer-4 TCP load balancer.
+///
+/// Accepts TCP clients on each --listen address and splices each one to an
+/// upstream chosen round-robin among the healthy ones, retrying the next
+/// upstream when a connect fails.
+#[derive(Debug, Parser)]
+#[command(name = "tcplb", version, after_help = EXAMPLES, max_term_width = 100)]
+pub struct Cli {
+    /// Address to accept clients on, IPv4 or IPv6 (e.g. 0.0.0.0:80, [::]:80). Repeatable.
+    #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen)]
+    pub listen: Vec<SocketAddr>,
+
+    /// Backend as HOST:PORT or [IPV6]:PORT. Repeatable. A host name becomes one
+    /// backend per address it resolves to.
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    pub upstream: Vec<Upstream>,
+
+    /// Limit on each connect to a backend.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = config::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How many distinct backends one client connection may try before giving up.
+    #[arg(long, value_name = "N", default_value = "3", value_parser = config::parse_positive)]
+    pub connect_attempts: usize,
+
+    /// Close a connection with no bytes either way for this long (0 disables).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = config::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Close a half-closed connection (one side sent FIN) idle for this long (0: idle timeout only).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = config::parse_duration)]
+    pub half_close_timeout: Duration,
+
+    /// After SIGTERM/SIGINT, how long established connections may run before they are closed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Limit of concurrent client connections; at the limit new clients wait in the kernel backlog.
+    #[arg(long, value_name = "N", default_value = "10000", value_parser = config::parse_positive)]
+    pub max_connections: usize,
+
+    /// What tcplb may say when no backend can be reached: auto answers HTTP
+    /// clients with 502/503/504 and closes others; tcp never writes a byte.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub protocol: Protocol,
+
+    /// On the failure path, how long to wait for a silent client's first bytes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
+    pub peek_timeout: Duration,
+
+    /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
+    #[arg(long, value_name = "CHECK", default_value = "tcp")]
+    pub health_check: HealthCheck,
+
+    /// Time between two probes of one backend.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Limit on one probe.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive successful probes that bring a down backend up.
+    #[arg(long, value_name = "N", default_value = "2", value_parser = config::parse_threshold)]
+    pub rise: u32,
+
+    /// Consecutive failures (probes or real connects) that take an up backend down.
+    #[arg(long, value_name = "N", default_value = "3", value_parser = config::parse_threshold)]
+    pub fall: u32,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    /// When not given, RUST_LOG is used, then "info".
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Cli {
+    /// Maps the flags onto a one-listener [`Config`].
+    pub fn into_config(self) -> Result<Config, String> {
+        if self.health_interval.is_zero() {
+            return Err("--health-interval must be more than 0".into());
+        }
+        if self.health_timeout.is_zero() {
+            return Err("--health-timeout must be more than 0".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("--connect-timeout must be more than 0".into());
+        }
+        let mut listener = ListenerConfig::new("default", self.listen, self.upstream);
+        listener.connect_timeout = self.connect_timeout;
+        listener.connect_attempts = self.connect_attempts;
+        listener.idle_timeout = (!self.idle_timeout.is_zero()).then_some(self.idle_timeout);
+        listener.half_close_timeout =
+            (!self.half_close_timeout.is_zero()).then_some(self.half_close_timeout);
+        listener.protocol = self.protocol;
+        listener.peek_timeout = self.peek_timeout;
+        listener.health = HealthConfig {
+            check: self.health_check,
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+            rise: self.rise,
+            fall: self.fall,
+        };
+        let mut config = Config::single(listener);
+        config.drain_timeout = self.drain_timeout;
+        config.max_connections = self.max_connections;
+        Ok(config)
+    }
+}

@@ -1,0 +1,380 @@
+//! Validated configuration and the parsers of user-supplied values.
+//!
+//! Everything a user types (listen addresses, upstream specs, durations, health
+//! check specs) is parsed here into typed values with one-line errors that name
+//! the bad value. Defaults live here and nowhere else.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Default connect timeout to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default number of distinct backends one client connection may try.
+pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+/// Default inactivity timeout of a proxied connection.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default inactivity timeout once one side has finished sending.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time to let established connections finish after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default global limit of concurrent client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Listen backlog handed to listen(2).
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Default wait for a client's first bytes on the failure path.
+pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The whole process configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Services, each with its own addresses and upstreams.
+    pub listeners: Vec<ListenerConfig>,
+    /// How long established connections may run after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Global limit of concurrent client connections across all listeners.
+    pub max_connections: usize,
+}
+
+/// One service: where clients arrive and where they are sent.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs.
+    pub name: String,
+    /// Addresses to accept clients on.
+    pub listen: Vec<SocketAddr>,
+    /// Upstreams as the user wrote them; resolved to backends at bind time.
+    pub upstreams: Vec<Upstream>,
+    /// Limit on each backend connect attempt.
+    pub connect_timeout: Duration,
+    /// How many distinct backends one client connection may try.
+    pub connect_attempts: usize,
+    /// Close a connection with no bytes either way for this long (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// Inactivity limit once one side has sent FIN and the other has not (None: idle timeout only).
+    pub half_close_timeout: Option<Duration>,
+    /// Whether to speak HTTP when no backend can be reached.
+    pub protocol: Protocol,
+    /// How long to wait for a client's first bytes before deciding it is not HTTP.
+    pub peek_timeout: Duration,
+    /// Active health checking.
+    pub health: HealthConfig,
+    /// listen(2) backlog.
+    pub backlog: u32,
+}
+
+impl ListenerConfig {
+    /// A listener with every default, for the given addresses and upstreams.
+    pub fn new(name: impl Into<String>, listen: Vec<SocketAddr>, upstreams: Vec<Upstream>) -> Self {
+        ListenerConfig {
+            name: name.into(),
+            listen,
+            upstreams,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
+            protocol: Protocol::Auto,
+            peek_timeout: DEFAULT_PEEK_TIMEOUT,
+            health: HealthConfig::default(),
+            backlog: DEFAULT_BACKLOG,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration with one listener and every global default.
+    pub fn single(listener: ListenerConfig) -> Self {
+        Config {
+            listeners: vec![listener],
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// What tcplb may say on its own when it cannot forward a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// Answer HTTP clients with 502/503/504, close anything else.
+    Auto,
+    /// Pure layer 4: never peek, never write a byte of its own.
+    Tcp,
+    /// Like auto; the service is known to be HTTP.
+    Http,
+}
+
+/// Active health-check settings of one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// What a probe does.
+    pub check: HealthCheck,
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// Limit on one probe.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            check: HealthCheck::Connect,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// The kind of active probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// No active probing; only passive failures change state.
+    None,
+    /// A TCP connect that succeeds within the timeout.
+    Connect,
+    /// `GET path HTTP/1.1`; a 2xx or 3xx status is healthy.
+    Http {
+        /// Host header value; the backend address when not given.
+        host: Option<String>,
+        /// Request target, starting with '/'.
+        path: String,
+    },
+}
+
+impl FromStr for HealthCheck {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => return Ok(HealthCheck::None),
+            "tcp" | "connect" => return Ok(HealthCheck::Connect),
+            _ => {}
+        }
+        if let Some(rest) = s.strip_prefix("http://") {
+            let (host, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if host.is_empty() || !host.bytes().all(is_host_byte) {
+                return Err(format!("bad host '{host}' in health check '{s}'"));
+            }
+            check_path(path, s)?;
+            return Ok(HealthCheck::Http {
+                host: Some(host.to_string()),
+                path: path.to_string(),
+            });
+        }
+        if let Some(path) = s.strip_prefix("http:") {
+            let path = if path.is_empty() { "/" } else { path };
+            check_path(path, s)?;
+            return Ok(HealthCheck::Http {
+                host: None,
+                path: path.to_string(),
+            });
+        }
+        Err(format!(
+            "unknown health check '{s}': expected none, tcp, http:/PATH or http://HOST/PATH"
+        ))
+    }
+}
+
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+}
+
+fn check_path(path: &str, spec: &str) -> Result<(), String> {
+    if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "bad path '{path}' in health check '{spec}': must start with '/' and hold no spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// An upstream as written by the user: a host (name or IP) and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    /// Host name, IPv4 address or IPv6 address (without brackets).
+    pub host: String,
+    /// TCP port, 1-65535.
+    pub port: u16,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for Upstream {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("'{s}' has '[' without ']': expected [IPV6]:PORT"))?;
+            let port = after
+                .strip_prefix(':')
+                .ok_or_else(|| format!("'{s}' has no port: expected [IPV6]:PORT"))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("'{host}' in '{s}' is not an IPv6 address"));
+            }
+            (host, port)
+        } else {
+            let (host, port) = s
+                .rsplit_once(':')
+                .ok_or_else(|| format!("'{s}' has no port: expected HOST:PORT"))?;
+            if host.contains(':') {
+                return Err(format!(
+                    "'{s}' is ambiguous: write an IPv6 upstream as [ADDR]:PORT"
+                ));
+            }
+            (host, port)
+        };
+        if host.is_empty() {
+            return Err(format!("'{s}' has no host: expected HOST:PORT"));
+        }
+        if !host.bytes().all(is_host_byte) {
+            return Err(format!("'{s}' has an invalid host name '{host}'"));
+        }
+        let port = parse_port(port).map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Upstream {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("port '{p}' is not a number"));
+    }
+    match p.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        _ => Err(format!("port {p} is out of range (1-65535)")),
+    }
+}
+
+/// Parses a listen address: `IP:PORT` or `[IPV6]:PORT` (port 0 picks a free one).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("'{s}' is not an address: expected IP:PORT such as 0.0.0.0:80 or [::]:80")
+    })
+}
+
+/// Parses a duration such as `3s`, `500ms`, `1h30m`; `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}): expected e.g. 500ms, 3s, 1h"))
+}
+
+/// Parses a count that must be at least one.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err(format!("'{s}' must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+/// Parses a rise/fall threshold (1 or more).
+pub fn parse_threshold(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err(format!("'{s}' must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn upstream_forms() {
+        let u: Upstream = "a.example:3031".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("a.example", 3031));
+        let u: Upstream = "[::1]:80".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 80));
+        assert_eq!(u.to_string(), "[::1]:80");
+        assert!("a:0"
+            .parse::<Upstream>()
+            .unwrap_err()
+            .contains("out of range"));
+        assert!("a:99999".parse::<Upstream>().unwrap_err().contains("99999"));
+        assert!("a".parse::<Upstream>().unwrap_err().contains("no port"));
+        assert!("::1:80"
+            .parse::<Upstream>()
+            .unwrap_err()
+            .contains("[ADDR]:PORT"));
+        assert!(":80".parse::<Upstream>().unwrap_err().contains("no host"));
+        assert!("a b:80"
+            .parse::<Upstream>()
+            .unwrap_err()
+            .contains("invalid host"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("soon").unwrap_err().contains("'soon'"));
+    }
+
+    #[test]
+    fn health_checks() {
+        assert_eq!("none".parse::<HealthCheck>().unwrap(), HealthCheck::None);
+        assert_eq!(
+            "http:/healthz".parse::<HealthCheck>().unwrap(),
+            HealthCheck::Http {
+                host: None,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            "http://svc.local/ready".parse::<HealthCheck>().unwrap(),
+            HealthCheck::Http {
+                host: Some("svc.local".into()),
+                path: "/ready".into()
+            }
+        );
+        assert!("http:healthz".parse::<HealthCheck>().is_err());
+        assert!("ping"
+            .parse::<HealthCheck>()
+            .unwrap_err()
+            .contains("'ping'"));
+    }
+
+    proptest! {
+        #[test]
+        fn upstream_parser_never_panics(s in ".{0,64}") {
+            let _ = s.parse::<Upstream>();
+            let _ = parse_listen(&s);
+            let _ = parse_duration(&s);
+            let _ = s.parse::<HealthCheck>();
+        }
+
+        #[test]
+        fn upstream_round_trips(host in "[a-z][a-z0-9.-]{0,20}", port in 1u16..) {
+            let u: Upstream = format!("{host}:{port}").parse().unwrap();
+            prop_assert_eq!(u.to_string(), format!("{host}:{port}"));
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The bidirectional byte pump between a client and a backend.
+//!
+//! Each direction runs until its own EOF, then shuts down the write half of
+//! the other socket (half-close), while the reverse direction keeps flowing.
+//! A read never outruns the write before it (backpressure), buffers are only
+//! allocated when a socket first has bytes to read (an idle connection costs
+//! no buffer), and grow from 8 KiB to 64 KiB only for bulk transfers. An error
+//! on either socket ends both, and the surviving peer is reset so that it sees
+//! the failure instead of a clean end of stream.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// First buffer allocated for a direction that has bytes to move.
+const INITIAL_BUFFER: usize = 8 * 1024;
+/// Largest buffer a bulk transfer grows to.
+const MAX_BUFFER: usize = 64 * 1024;
+
+/// Timeouts that bound a spliced connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Close after this long with no bytes either way (None: never).
+    pub idle: Option<Duration>,
+    /// Once one direction has ended, close after this long with no bytes (None: idle only).
+    pub half_close: Option<Duration>,
+}
+
+/// How a spliced connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client finished sending first, then the backend.
+    ClientClosed,
+    /// The backend finished sending first, then the client.
+    BackendClosed,
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
+    /// One side finished and the other stayed silent for the half-close timeout.
+    HalfCloseTimeout,
+    /// The client socket failed (reset, broken pipe).
+    ClientError,
+    /// The backend socket failed (reset, broken pipe).
+    BackendError,
+    /// The drain deadline passed during shutdown.
+    Shutdown,
+}
+
+impl End {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client closed",
+            End::BackendClosed => "backend closed",
+            End::IdleTimeout => "idle timeout",
+            End::HalfCloseTimeout => "half-close timeout",
+            End::ClientError => "client error",
+            End::BackendError => "backend error",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What happened on a spliced connection.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Bytes from client to backend.
+    pub sent: u64,
+    /// Bytes from backend to client.
+    pub received: u64,
+    /// Why it ended.
+    pub end: End,
+    /// The socket error, when it ended on one.
+    pub error: Option<io::Error>,
+}
+
+/// Which socket an error belongs to.
+enum Fault {
+    /// Reading from the source failed.
+    Read(io::Error),
+    /// Writing or shutting down the destination failed.
+    Write(io::Error),
+}
+
+/// The last time a byte moved, shared by both directions and the idle watch.
+struct Activity {
+    /// Reference point for `last_ms`.
+    start: Instant,
+    /// Milliseconds after `start` of the last byte moved.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    async fn quiet_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = self.last() + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Copies bytes both ways until both directions end, one fails, a timeout
+/// fires or `cancel` is cancelled.
+pub async fn splice(
+    client: &TcpStream,
+    backend: &TcpStream,
+    timeouts: Timeouts,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let activity = Activity::new();
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let up = pump(client, backend, &sent, &activity);
+    let down = pump(backend, client, &received, &activity);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+
+    let (end, error) = loop {
+        let half_closed = up_done || down_done;
+        let limit = if half_closed {
+            match (timeouts.idle, timeouts.half_close) {
+                (Some(i), Some(h)) => Some(i.min(h)),
+                (i, h) => i.or(h),
+            }
+        } else {
+            timeouts.idle
+        };
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => {
+                    up_done = true;
+                    if down_done {
+                        break (End::BackendClosed, None);
+                    }
+                }
+                Err(Fault::Read(e)) => break (End::ClientError, Some(e)),
+                Err(Fault::Write(e)) => break (End::BackendError, Some(e)),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => {
+                    down_done = true;
+                    if up_done {
+                        break (End::ClientClosed, None);
+                    }
+                }
+                Err(Fault::Read(e)) => break (End::BackendError, Some(e)),
+                Err(Fault::Write(e)) => break (End::ClientError, Some(e)),
+            },
+            _ = activity.quiet_for(limit) => {
+                break (if half_closed { End::HalfCloseTimeout } else { End::IdleTimeout }, None)
+            }
+            _ = cancel.cancelled() => break (End::Shutdown, None),
+        }
+    };
+    match end {
+        // Tell the surviving side that its peer failed rather than finished.
+        End::ClientError => reset_on_close(backend),
+        End::BackendError => reset_on_close(client),
+        _ => {}
+    }
+    Outcome {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        end,
+        error,
+    }
+}
+
+/// Makes the coming close of `stream` send RST instead of FIN.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+    activity: &Activity,
+) -> Result<(), Fault> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await.map_err(Fault::Read)?;
+        if buf.is_empty() {
+            buf = vec![0; INITIAL_BUFFER];
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Fault::Read(e)),
+        };
+        activity.touch();
+        write_all(to, &buf[..n]).await.map_err(Fault::Write)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf = vec![0; buf.len() * 2];
+        }
+    }
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The peer is already gone entirely; its own direction reports why.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(Fault::Write(e)),
+    }
+}
+
+/// Writes all of `data` to `to`, waiting for writability (backpressure).
+pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! Health: rise/fall tracking, active probes, passive failures.
+//!
+//! A backend's state changes only after `fall` consecutive failures (probes or
+//! real connects) or `rise` consecutive successful probes, as in HAProxy. The
+//! hot path reads one atomic ([`Health::is_up`]); the counters behind it sit in
+//! a mutex that only probes and failed connects take.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::Backend;
+use crate::config::{HealthCheck, HealthConfig};
+
+/// The up/down state of one backend.
+#[derive(Debug)]
+pub struct Health {
+    /// What selection reads: may new clients go here.
+    up: AtomicBool,
+    /// Set while a failure streak is being counted, so that the success path
+    /// of every connection only takes the lock when there is a streak to reset.
+    failing: AtomicBool,
+    /// Rise/fall counters; taken by probes and failed connects only.
+    counter: Mutex<Counter>,
+}
+
+/// A change of state, with how long the backend was in the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Down → up.
+    Up {
+        /// Time spent down.
+        after: Duration,
+    },
+    /// Up → down.
+    Down {
+        /// Time spent up.
+        after: Duration,
+    },
+}
+
+impl Health {
+    /// Starts up, with the given thresholds.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Health {
+            up: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
+            counter: Mutex::new(Counter::new(rise, fall, Instant::now())),
+        }
+    }
+
+    /// Whether the backend is up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Forces the state (tests, admin).
+    pub fn set_up(&self, up: bool) {
+        let mut c = self.lock();
+        c.up = up;
+        c.ok = 0;
+        c.fail = 0;
+        c.since = Instant::now();
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    /// Records one result (probe or real connect) and returns the transition it caused.
+    pub fn observe(&self, ok: bool) -> Option<Transition> {
+        if ok && !self.failing.load(Ordering::Relaxed) && self.is_up() {
+            return None;
+        }
+        let mut c = self.lock();
+        let t = c.observe(ok, Instant::now());
+        self.up.store(c.up, Ordering::Relaxed);
+        self.failing.store(c.fail > 0, Ordering::Relaxed);
+        t
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counter> {
+        // The counter holds plain integers: a panic elsewhere cannot leave it torn.
+        self.counter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Pure rise/fall logic, kept apart so it is unit-testable with any clock.
+#[derive(Debug, Clone)]
+struct Counter {
+    /// Successes needed to go up.
+    rise: u32,
+    /// Failures needed to go down.
+    fall: u32,
+    /// Current state.
+    up: bool,
+    /// Consecutive successes while down.
+    ok: u32,
+    /// Consecutive failures while up.
+    fail: u32,
+    /// When the current state began.
+    since: Instant,
+}
+
+impl Counter {
+    fn new(rise: u32, fall: u32, now: Instant) -> Self {
+        Counter {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            up: true,
+            ok: 0,
+            fail: 0,
+            since: now,
+        }
+    }
+
+    fn observe(&mut self, ok: bool, now: Instant) -> Option<Transition> {
+        let after = now.saturating_duration_since(self.since);
+        if ok {
+            self.fail = 0;
+            if self.up {
+                return None;
+            }
+            self.ok += 1;
+            if self.ok >= self.rise {
+                self.up = true;
+                self.ok = 0;
+                self.since = now;
+                return Some(Transition::Up { after });
+            }
+        } else {
+            self.ok = 0;
+            if !self.up {
+                return None;
+            }
+            self.fail += 1;
+            if self.fail >= self.fall {
+                self.up = false;
+                self.fail = 0;
+                self.since = now;
+                return Some(Transition::Down { after });
+            }
+        }
+        None
+    }
+}
+
+/// Logs a transition once, at warn for down and info for up.
+pub fn log_transition(listener: &str, backend: &Backend, t: Transition, reason: &str) {
+    match t {
+        Transition::Down { after } => warn!(
+            listener,
+            backend = %backend.addr,
+            upstream = %backend.upstream,
+            reason,
+            was_up_for = %humantime::format_duration(round(after)),
+            "backend is DOWN"
+        ),
+        Transition::Up { after } => info!(
+            listener,
+            backend = %backend.addr,
+            upstream = %backend.upstream,
+            reason,
+            was_down_for = %humantime::format_duration(round(after)),
+            "backend is UP"
+        ),
+    }
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// A random number, without a dependency: every `RandomState` is freshly keyed.
+fn random_u64() -> u64 {
+    RandomState::new().build_hasher().finish()
+}
+
+/// `d` scaled by a random factor in [1 - frac, 1 + frac).
+fn jittered(d: Duration, frac: f64) -> Duration {
+    let unit = (random_u64() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    d.mul_f64(1.0 - frac + 2.0 * frac * unit)
+}
+
+/// Spawns one probe task per backend; each runs until `stop` is cancelled.
+pub fn spawn_probes(
+    listener: Arc<str>,
+    backends: &[Arc<Backend>],
+    config: &HealthConfig,
+    stop: &CancellationToken,
+) {
+    if config.check == HealthCheck::None {
+        return;
+    }
+    for backend in backends {
+        let prober = Prober {
+            listener: Arc::clone(&listener),
+            backend: Arc::clone(backend),
+            config: config.clone(),
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = prober.run() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The probe loop of one backend.
+struct Prober {
+    /// Listener name for logs.
+    listener: Arc<str>,
+    /// The backend probed.
+    backend: Arc<Backend>,
+    /// What to probe and how often.
+    config: HealthConfig,
+}
+
+impl Prober {
+    async fn run(self) {
+        // Spread the first probes over one interval so backends are not probed in lock-step.
+        tokio::time::sleep(
+            self.config
+                .interval
+                .mul_f64((random_u64() % 1000) as f64 / 1000.0),
+        )
+        .await;
+        loop {
+            let result = probe(self.backend.addr, &self.config).await;
+            let ok = result.is_ok();
+            let reason = match &result {
+                Ok(what) => what.clone(),
+                Err(why) => why.clone(),
+            };
+            debug!(listener = %self.listener, backend = %self.backend.addr, ok, %reason, "health probe");
+            if let Some(t) = self.backend.health.observe(ok) {
+                log_transition(&self.listener, &self.backend, t, &reason);
+            }
+            tokio::time::sleep(jittered(self.config.interval, 0.1)).await;
+        }
+    }
+}
+
+/// Runs one probe; Ok holds a short description, Err the reason it failed.
+pub async fn probe(addr: SocketAddr, config: &HealthConfig) -> Result<String, String> {
+    match tokio::time::timeout(config.timeout, probe_inner(addr, &config.check)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "timeout after {}",
+            humantime::format_duration(config.timeout)
+        )),
+    }
+}
+
+async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<String, String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| describe_io(&e))?;
+    match check {
+        HealthCheck::None | HealthCheck::Connect => Ok("connect succeeded".into()),
+        HealthCheck::Http { host, path } => {
+            let host = host.clone().unwrap_or_else(|| addr.to_string());
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tcplb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| describe_io(&e))?;
+            let status = read_status(&mut stream).await?;
+            if (200..400).contains(&status) {
+                Ok(format!("HTTP {status}"))
+            } else {
+                Err(format!("HTTP {status}"))
+            }
+        }
+    }
+}
+
+/// Reads until the status line of an HTTP response is known.
+async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(_) if resp.code.is_some() => return Ok(resp.code.unwrap_or_default()),
+            Ok(_) => {}
+            Err(httparse::Error::TooManyHeaders) if resp.code.is_some() => {
+                return Ok(resp.code.unwrap_or_default())
+            }
+            Err(e) => return Err(format!("invalid HTTP response ({e})")),
+        }
+        if buf.len() >= 8192 {
+            return Err("HTTP status line longer than 8 KiB".into());
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.map_err(|e| describe_io(&e))?;
+        if n == 0 {
+            return Err("connection closed before an HTTP status".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A short, operator-friendly description of a socket error.
+pub fn describe_io(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset".into(),
+        TimedOut => "timeout".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_n_failures_and_rises_after_m_successes() {
+        let t0 = Instant::now();
+        let mut c = Counter::new(2, 3, t0);
+        assert_eq!(c.observe(false, t0), None);
+        assert_eq!(c.observe(false, t0), None);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(
+            c.observe(false, t1),
+            Some(Transition::Down {
+                after: Duration::from_secs(5)
+            })
+        );
+        assert!(!c.up);
+        assert_eq!(c.observe(false, t1), None);
+        assert_eq!(c.observe(true, t1), None);
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(
+            c.observe(true, t2),
+            Some(Transition::Up {
+                after: Duration::from_secs(2)
+            })
+        );
+        assert!(c.up);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak() {
+        let t0 = Instant::now();
+        let mut c = Counter::new(2, 3, t0);
+        c.observe(false, t0);
+        c.observe(false, t0);
+        c.observe(true, t0);
+        c.observe(false, t0);
+        c.observe(false, t0);
+        assert!(c.up, "two failures after a success must not reach fall=3");
+        assert!(c.observe(false, t0).is_some());
+    }
+
+    #[test]
+    fn a_failure_resets_the_rise_streak() {
+        let t0 = Instant::now();
+        let mut c = Counter::new(2, 1, t0);
+        c.observe(false, t0);
+        c.observe(true, t0);
+        c.observe(false, t0);
+        assert_eq!(c.observe(true, t0), None);
+        assert!(c.observe(true, t0).is_some());
+    }
+
+    #[test]
+    fn health_fast_path_and_flag() {
+        let h = Health::new(1, 2);
+        assert!(h.is_up());
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(false), None);
+        assert!(h.failing.load(Ordering::Relaxed));
+        h.observe(true);
+        assert!(!h.failing.load(Ordering::Relaxed));
+        h.observe(false);
+        assert!(matches!(h.observe(false), Some(Transition::Down { .. })));
+        assert!(!h.is_up());
+        assert!(matches!(h.observe(true), Some(Transition::Up { .. })));
+    }
+
+    #[test]
+    fn jitter_stays_in_bounds() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(2), 0.1);
+            assert!(
+                d >= Duration::from_millis(1800) && d < Duration::from_millis(2200),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! tcplb: a small, fast layer-4 TCP load balancer.
+//!
+//! A connection travels one way through the crate: a [`listener`] accepts it
+//! (bounded by the global connection limit), the [`proxy`] task asks the
+//! listener's [`backend::Pool`] for candidates in the order chosen by a
+//! [`balance`] strategy, connects with retry across distinct backends, and then
+//! hands both sockets to [`duplex`], which copies bytes both ways with correct
+//! half-close and idle timeouts. When no backend can be reached, [`http`] peeks
+//! at the client's first bytes and, for an HTTP request, answers 502/503/504.
+//! [`health`] probes run beside the path and only flip per-backend atomics
+//! that selection reads; [`shutdown`] turns signals into a drain.
+//!
+//! Module map:
+//! - [`cli`]: the command line (clap derive); no logic.
+//! - [`config`]: validated configuration, defaults, parsers of user input.
+//! - [`server`]: binds everything and runs it until shutdown ([`Server`]).
+//! - [`listener`]: socket2 binding and the accept loop with back-off.
+//! - [`backend`]: `Backend` (address, atomics for state and counters) and `Pool`.
+//! - [`balance`]: selection strategies behind one small trait.
+//! - [`health`]: rise/fall tracking, active probes, passive failures.
+//! - [`proxy`]: the per-connection task: connect with retry, then splice.
+//! - [`duplex`]: the bidirectional byte pump.
+//! - [`http`]: the HTTP peek and synthesized responses.
+//! - [`shutdown`]: process signals.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod duplex;
+pub mod health;
+pub mod http;
+pub mod listener;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+
+pub use config::Config;
+pub use server::{Error, Server};

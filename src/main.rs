@@ -1,0 +1,105 @@
+//! The `tcplb` binary: parse the command line, set up logging, run.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use tcplb::cli::{Cli, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "tcplb: {} (see tcplb --help)",
+                one_line(&e.render().to_string())
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match log_filter(cli.log_level.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tcplb: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = cli.log_format;
+    let config = match cli.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tcplb: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(filter, format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcplb: error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        match tcplb::Server::bind(config).await {
+            Ok(server) => {
+                server.run(tcplb::shutdown::signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tcplb: error: {e}");
+                ExitCode::from(if e.is_usage() { 2 } else { 1 })
+            }
+        }
+    })
+}
+
+/// Folds clap's multi-line error into one line, without the usage block.
+fn one_line(rendered: &str) -> String {
+    let body = rendered.split("\n\nUsage:").next().unwrap_or(rendered);
+    let body = body
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or(body);
+    body.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `--log-level` wins, then RUST_LOG, then "info".
+fn log_filter(flag: Option<&str>) -> anyhow::Result<EnvFilter> {
+    match flag {
+        Some(f) => EnvFilter::try_new(f).with_context(|| format!("invalid --log-level '{f}'")),
+        None => match std::env::var("RUST_LOG") {
+            Ok(v) if !v.is_empty() => {
+                EnvFilter::try_new(&v).with_context(|| format!("invalid RUST_LOG '{v}'"))
+            }
+            _ => Ok(EnvFilter::new("info")),
+        },
+    }
+}
+
+fn init_tracing(filter: EnvFilter, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
