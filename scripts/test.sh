@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what the tests need first (redis-server
+# and redis-tools from Debian, for the redis-benchmark test) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing test dependencies: ${need[*]}"
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "warning: cannot install ${need[*]} (not root, no sudo): the redis test will be skipped" >&2
+    fi
+fi
+
+cargo test --locked --all-targets

@@ -1,0 +1,239 @@
+//! The built binary: argument errors, exit codes, signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("run tcplb")
+}
+
+/// Asserts a one-line error on stderr containing every `needle`, and the exit code.
+fn assert_error(args: &[&str], code: i32, needles: &[&str]) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "args {args:?}: stderr {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected, got: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr {stderr:?} lacks {n:?}");
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
+}
+
+#[test]
+fn bad_upstream_value() {
+    assert_error(&["--listen", "127.0.0.1:0", "--upstream", "nohost"], 2, &["nohost", "HOST:PORT"]);
+}
+
+#[test]
+fn upstream_port_out_of_range() {
+    assert_error(&["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:70000"], 2, &["70000", "out of range"]);
+}
+
+#[test]
+fn missing_listen() {
+    assert_error(&["--upstream", "127.0.0.1:80"], 2, &["--listen"]);
+}
+
+#[test]
+fn missing_upstream() {
+    assert_error(&["--listen", "127.0.0.1:0"], 2, &["--upstream"]);
+}
+
+#[test]
+fn bad_listen_address() {
+    assert_error(&["--listen", "localhost:80", "--upstream", "127.0.0.1:80"], 2, &["localhost:80", "IP:PORT"]);
+}
+
+#[test]
+fn bad_duration() {
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-timeout", "fast"],
+        2,
+        &["fast", "duration"],
+    );
+}
+
+#[test]
+fn zero_connect_attempts() {
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-attempts", "0"],
+        2,
+        &["'0'", "at least 1"],
+    );
+}
+
+#[test]
+fn bad_log_level() {
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--log-level", "loud=="],
+        2,
+        &["loud=="],
+    );
+}
+
+#[test]
+fn unresolvable_host() {
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80"],
+        2,
+        &["no-such-host.invalid:80", "resolve"],
+    );
+}
+
+#[test]
+fn address_already_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_error(&["--listen", &addr, "--upstream", "127.0.0.1:80"], 1, &[&addr, "already in use"]);
+}
+
+#[test]
+fn permission_denied_on_low_port() {
+    // Root may bind low ports: run as nobody through setpriv when we are root.
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let mut cmd = if is_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = match cmd.args(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:80"]).output() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run tcplb unprivileged here: {e}");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("setpriv:") || stderr.contains("Permission denied (os error 13)") && !stderr.contains("tcplb") {
+        eprintln!("SKIPPED: cannot run tcplb unprivileged here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("127.0.0.1:1") && stderr.contains("permission denied"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1);
+}
+
+#[test]
+fn help_shows_flags_and_examples() {
+    let out = run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen", "--upstream", "--connect-timeout", "--connect-attempts", "--idle-timeout",
+        "--drain-timeout", "--max-connections", "--log-format", "--log-level", "Examples:",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let out = run(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Starts the binary on a free port and returns it once it listens.
+fn spawn_listening(upstream: &str, extra: &[&str]) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcplb");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("tcplb start line");
+        if let Some(rest) = line.split("listen=[").nth(1) {
+            let addr = rest.split(']').next().unwrap().to_string();
+            return (child, addr, rx);
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!("tcplb did not exit within {limit:?}");
+}
+
+#[test]
+fn sigterm_drains_then_exits_zero() {
+    use std::io::{Read, Write};
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = echo.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let (mut child, addr, _logs) = spawn_listening(&upstream, &["--drain-timeout", "20s"]);
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"a").unwrap();
+    let mut b = [0u8; 1];
+    conn.read_exact(&mut b).unwrap();
+
+    signal(&child, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(Instant::now() < deadline, "new connects must be refused after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    conn.write_all(b"b").unwrap();
+    conn.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"b", "established connection keeps working during drain");
+    assert!(child.try_wait().unwrap().is_none(), "must not exit while a connection is open");
+    drop(conn);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn second_sigint_exits_at_once() {
+    use std::io::{Read, Write};
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = echo.local_addr().unwrap().to_string();
+    let _keep = std::thread::spawn(move || {
+        let conns: Vec<_> = echo.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        drop(conns);
+    });
+    let (mut child, addr, logs) = spawn_listening(&upstream, &["--drain-timeout", "60s"]);
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"hold").unwrap();
+    signal(&child, "-INT");
+    // Wait for the drain to begin before the second signal.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logs.recv_timeout(Duration::from_secs(5)).map(|l| l.contains("shutting down")).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "no shutdown log line");
+    }
+    signal(&child, "-INT");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(130));
+    let mut b = [0u8; 1];
+    let _ = conn.read(&mut b);
+}

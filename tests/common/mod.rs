@@ -1,0 +1,187 @@
+//! Helpers for integration tests: tcplb in-process on port 0, and small real
+//! backends on loopback.
+#![allow(dead_code)]
+
+use std::hash::{DefaultHasher, Hasher};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tcplb::config::{Config, HealthCheck, ListenerConfig, Upstream};
+use tcplb::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running tcplb.
+pub struct Lb {
+    /// The first listen address.
+    pub addr: SocketAddr,
+    /// Every listen address.
+    pub addrs: Vec<SocketAddr>,
+    /// The backends, for inspecting health and counters.
+    pub backends: Vec<std::sync::Arc<tcplb::backend::Backend>>,
+    /// Send to start a graceful shutdown.
+    stop: Option<oneshot::Sender<()>>,
+    /// Finishes when the server has drained.
+    pub task: JoinHandle<()>,
+}
+
+impl Lb {
+    /// Starts the drain; `task` finishes when it is done.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A listener on 127.0.0.1:0 to `upstreams`, with active probes off so
+/// tests see only what they cause.
+pub fn listener(upstreams: &[SocketAddr]) -> ListenerConfig {
+    listener_on("127.0.0.1:0".parse().unwrap(), upstreams)
+}
+
+/// Like [`listener`] on a given address.
+pub fn listener_on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig {
+    let ups = upstreams
+        .iter()
+        .map(|a| Upstream { host: a.ip().to_string(), port: a.port() })
+        .collect();
+    let mut l = ListenerConfig::new("test", vec![addr], ups);
+    l.health.check = HealthCheck::None;
+    l.connect_timeout = Duration::from_secs(2);
+    l
+}
+
+/// Starts tcplb with `config`.
+pub async fn start(config: Config) -> Lb {
+    let server = Server::bind(config).await.expect("bind tcplb");
+    let addrs = server.local_addrs();
+    let backends = server.backends();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Lb { addr: addrs[0], addrs, backends, stop: Some(tx), task }
+}
+
+/// Starts tcplb with one listener and defaults.
+pub async fn start_one(l: ListenerConfig) -> Lb {
+    start(Config::single(l)).await
+}
+
+/// A backend that echoes every byte and half-closes when the client does.
+pub async fn echo_backend() -> (SocketAddr, JoinHandle<()>) {
+    serve(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// A backend that writes `tag` and closes.
+pub async fn tag_backend(tag: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    serve(move |mut s| async move {
+        let _ = s.write_all(tag.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// Runs `handler` for every connection on a fresh 127.0.0.1 port.
+pub async fn serve<F, Fut>(handler: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    serve_on("127.0.0.1:0".parse().unwrap(), handler).await
+}
+
+/// Runs `handler` for every connection on `addr`.
+pub async fn serve_on<F, Fut>(addr: SocketAddr, handler: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind(addr).await.expect("bind backend");
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            tokio::spawn(handler(s));
+        }
+    });
+    (addr, task)
+}
+
+/// An address on which nothing listens (connects are refused).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Connects to `addr` and reads until EOF.
+pub async fn read_all_from(addr: SocketAddr) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect to tcplb");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("read timed out")
+        .expect("read failed");
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A hash of `data`, to compare large buffers.
+pub fn digest(data: &[u8]) -> (usize, u64) {
+    let mut h = DefaultHasher::new();
+    h.write(data);
+    (data.len(), h.finish())
+}
+
+/// Sends `data` through `addr`, half-closes, and returns everything read back.
+pub async fn echo_through(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
+    let s = TcpStream::connect(addr).await.expect("connect to tcplb");
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).await.expect("read back");
+    writer.await.unwrap();
+    out
+}
+
+/// Waits until `cond` holds, polling every 10 ms, up to `limit`.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
