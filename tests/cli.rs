@@ -7,15 +7,27 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("run tcplb")
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run tcplb")
 }
 
 /// Asserts a one-line error on stderr containing every `needle`, and the exit code.
 fn assert_error(args: &[&str], code: i32, needles: &[&str]) {
     let out = run(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "args {args:?}: stderr {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected, got: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "args {args:?}: stderr {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected, got: {stderr}"
+    );
     for n in needles {
         assert!(stderr.contains(n), "stderr {stderr:?} lacks {n:?}");
     }
@@ -24,12 +36,20 @@ fn assert_error(args: &[&str], code: i32, needles: &[&str]) {
 
 #[test]
 fn bad_upstream_value() {
-    assert_error(&["--listen", "127.0.0.1:0", "--upstream", "nohost"], 2, &["nohost", "HOST:PORT"]);
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "nohost"],
+        2,
+        &["nohost", "HOST:PORT"],
+    );
 }
 
 #[test]
 fn upstream_port_out_of_range() {
-    assert_error(&["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:70000"], 2, &["70000", "out of range"]);
+    assert_error(
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:70000"],
+        2,
+        &["70000", "out of range"],
+    );
 }
 
 #[test]
@@ -44,13 +64,24 @@ fn missing_upstream() {
 
 #[test]
 fn bad_listen_address() {
-    assert_error(&["--listen", "localhost:80", "--upstream", "127.0.0.1:80"], 2, &["localhost:80", "IP:PORT"]);
+    assert_error(
+        &["--listen", "localhost:80", "--upstream", "127.0.0.1:80"],
+        2,
+        &["localhost:80", "IP:PORT"],
+    );
 }
 
 #[test]
 fn bad_duration() {
     assert_error(
-        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-timeout", "fast"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:80",
+            "--connect-timeout",
+            "fast",
+        ],
         2,
         &["fast", "duration"],
     );
@@ -59,7 +90,14 @@ fn bad_duration() {
 #[test]
 fn zero_connect_attempts() {
     assert_error(
-        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-attempts", "0"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:80",
+            "--connect-attempts",
+            "0",
+        ],
         2,
         &["'0'", "at least 1"],
     );
@@ -68,7 +106,14 @@ fn zero_connect_attempts() {
 #[test]
 fn bad_log_level() {
     assert_error(
-        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--log-level", "loud=="],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:80",
+            "--log-level",
+            "loud==",
+        ],
         2,
         &["loud=="],
     );
@@ -77,7 +122,12 @@ fn bad_log_level() {
 #[test]
 fn unresolvable_host() {
     assert_error(
-        &["--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "no-such-host.invalid:80",
+        ],
         2,
         &["no-such-host.invalid:80", "resolve"],
     );
@@ -87,21 +137,38 @@ fn unresolvable_host() {
 fn address_already_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    assert_error(&["--listen", &addr, "--upstream", "127.0.0.1:80"], 1, &[&addr, "already in use"]);
+    assert_error(
+        &["--listen", &addr, "--upstream", "127.0.0.1:80"],
+        1,
+        &[&addr, "already in use"],
+    );
 }
 
 #[test]
 fn permission_denied_on_low_port() {
     // Root may bind low ports: run as nobody through setpriv when we are root.
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     let mut cmd = if is_root {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", BIN]);
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+        ]);
         c
     } else {
         Command::new(BIN)
     };
-    let out = match cmd.args(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:80"]).output() {
+    let out = match cmd
+        .args(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:80"])
+        .output()
+    {
         Ok(o) => o,
         Err(e) => {
             eprintln!("SKIPPED: cannot run tcplb unprivileged here: {e}");
@@ -109,12 +176,17 @@ fn permission_denied_on_low_port() {
         }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("setpriv:") || stderr.contains("Permission denied (os error 13)") && !stderr.contains("tcplb") {
+    if stderr.contains("setpriv:")
+        || stderr.contains("Permission denied (os error 13)") && !stderr.contains("tcplb")
+    {
         eprintln!("SKIPPED: cannot run tcplb unprivileged here: {stderr}");
         return;
     }
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("127.0.0.1:1") && stderr.contains("permission denied"), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.contains("permission denied"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim_end().lines().count(), 1);
 }
 
@@ -124,8 +196,16 @@ fn help_shows_flags_and_examples() {
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--listen", "--upstream", "--connect-timeout", "--connect-attempts", "--idle-timeout",
-        "--drain-timeout", "--max-connections", "--log-format", "--log-level", "Examples:",
+        "--listen",
+        "--upstream",
+        "--connect-timeout",
+        "--connect-attempts",
+        "--idle-timeout",
+        "--drain-timeout",
+        "--max-connections",
+        "--log-format",
+        "--log-level",
+        "Examples:",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
@@ -134,16 +214,38 @@ fn help_shows_flags_and_examples() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
+/// A child process that is killed and reaped when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary on a free port and returns it once it listens.
-fn spawn_listening(upstream: &str, extra: &[&str]) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tcplb");
-    let stderr = child.stderr.take().unwrap();
+fn spawn_listening(
+    upstream: &str,
+    extra: &[&str],
+) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Proc(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstream,
+                "--health-check",
+                "none",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcplb"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -152,7 +254,9 @@ fn spawn_listening(upstream: &str, extra: &[&str]) -> (Child, String, std::sync:
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("tcplb start line");
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("tcplb start line");
         if let Some(rest) = line.split("listen=[").nth(1) {
             let addr = rest.split(']').next().unwrap().to_string();
             return (child, addr, rx);
@@ -160,20 +264,23 @@ fn spawn_listening(upstream: &str, extra: &[&str]) -> (Child, String, std::sync:
     }
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+fn signal(child: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok);
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+fn wait_exit(child: &mut Proc, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             return status.code();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = child.kill();
     panic!("tcplb did not exit within {limit:?}");
 }
 
@@ -202,13 +309,22 @@ fn sigterm_drains_then_exits_zero() {
     signal(&child, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(&addr).is_ok() {
-        assert!(Instant::now() < deadline, "new connects must be refused after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "new connects must be refused after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     conn.write_all(b"b").unwrap();
     conn.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"b", "established connection keeps working during drain");
-    assert!(child.try_wait().unwrap().is_none(), "must not exit while a connection is open");
+    assert_eq!(
+        &b, b"b",
+        "established connection keeps working during drain"
+    );
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "must not exit while a connection is open"
+    );
     drop(conn);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
 }
@@ -229,7 +345,11 @@ fn second_sigint_exits_at_once() {
     signal(&child, "-INT");
     // Wait for the drain to begin before the second signal.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !logs.recv_timeout(Duration::from_secs(5)).map(|l| l.contains("shutting down")).unwrap_or(false) {
+    while !logs
+        .recv_timeout(Duration::from_secs(5))
+        .map(|l| l.contains("shutting down"))
+        .unwrap_or(false)
+    {
         assert!(Instant::now() < deadline, "no shutdown log line");
     }
     signal(&child, "-INT");

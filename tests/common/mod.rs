@@ -52,7 +52,10 @@ pub fn listener(upstreams: &[SocketAddr]) -> ListenerConfig {
 pub fn listener_on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig {
     let ups = upstreams
         .iter()
-        .map(|a| Upstream { host: a.ip().to_string(), port: a.port() })
+        .map(|a| Upstream {
+            host: a.ip().to_string(),
+            port: a.port(),
+        })
         .collect();
     let mut l = ListenerConfig::new("test", vec![addr], ups);
     l.health.check = HealthCheck::None;
@@ -69,7 +72,13 @@ pub async fn start(config: Config) -> Lb {
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Lb { addr: addrs[0], addrs, backends, stop: Some(tx), task }
+    Lb {
+        addr: addrs[0],
+        addrs,
+        backends,
+        stop: Some(tx),
+        task,
+    }
 }
 
 /// Starts tcplb with one listener and defaults.
@@ -115,7 +124,9 @@ where
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(handler(s));
         }
     });
