@@ -113,22 +113,12 @@ impl Pool {
     pub fn candidates(&self, client: SocketAddr, attempts: usize) -> Candidates<'_> {
         let n = self.backends.len();
         match self.strategy.pick(&self.backends, client) {
-            Some(first) => Candidates {
-                pool: self,
-                first,
-                step: 0,
-                left: attempts.min(n),
-                panic: false,
-            },
+            Some(first) => {
+                Candidates { pool: self, first, step: 0, left: attempts.min(n), panic: false }
+            }
             None => {
                 let first = self.strategy.pick_any(n, client);
-                Candidates {
-                    pool: self,
-                    first,
-                    step: 0,
-                    left: attempts.min(n),
-                    panic: n > 0,
-                }
+                Candidates { pool: self, first, step: 0, left: attempts.min(n), panic: n > 0 }
             }
         }
     }

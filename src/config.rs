@@ -166,18 +166,12 @@ impl FromStr for HealthCheck {
                 return Err(format!("bad host '{host}' in health check '{s}'"));
             }
             check_path(path, s)?;
-            return Ok(HealthCheck::Http {
-                host: Some(host.to_string()),
-                path: path.to_string(),
-            });
+            return Ok(HealthCheck::Http { host: Some(host.to_string()), path: path.to_string() });
         }
         if let Some(path) = s.strip_prefix("http:") {
             let path = if path.is_empty() { "/" } else { path };
             check_path(path, s)?;
-            return Ok(HealthCheck::Http {
-                host: None,
-                path: path.to_string(),
-            });
+            return Ok(HealthCheck::Http { host: None, path: path.to_string() });
         }
         Err(format!(
             "unknown health check '{s}': expected none, tcp, http:/PATH or http://HOST/PATH"
@@ -237,9 +231,7 @@ impl FromStr for Upstream {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("'{s}' has no port: expected HOST:PORT"))?;
             if host.contains(':') {
-                return Err(format!(
-                    "'{s}' is ambiguous: write an IPv6 upstream as [ADDR]:PORT"
-                ));
+                return Err(format!("'{s}' is ambiguous: write an IPv6 upstream as [ADDR]:PORT"));
             }
             (host, port)
         };
@@ -250,10 +242,7 @@ impl FromStr for Upstream {
             return Err(format!("'{s}' has an invalid host name '{host}'"));
         }
         let port = parse_port(port).map_err(|e| format!("'{s}': {e}"))?;
-        Ok(Upstream {
-            host: host.to_string(),
-            port,
-        })
+        Ok(Upstream { host: host.to_string(), port })
     }
 }
 
@@ -313,21 +302,12 @@ mod tests {
         let u: Upstream = "[::1]:80".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 80));
         assert_eq!(u.to_string(), "[::1]:80");
-        assert!("a:0"
-            .parse::<Upstream>()
-            .unwrap_err()
-            .contains("out of range"));
+        assert!("a:0".parse::<Upstream>().unwrap_err().contains("out of range"));
         assert!("a:99999".parse::<Upstream>().unwrap_err().contains("99999"));
         assert!("a".parse::<Upstream>().unwrap_err().contains("no port"));
-        assert!("::1:80"
-            .parse::<Upstream>()
-            .unwrap_err()
-            .contains("[ADDR]:PORT"));
+        assert!("::1:80".parse::<Upstream>().unwrap_err().contains("[ADDR]:PORT"));
         assert!(":80".parse::<Upstream>().unwrap_err().contains("no host"));
-        assert!("a b:80"
-            .parse::<Upstream>()
-            .unwrap_err()
-            .contains("invalid host"));
+        assert!("a b:80".parse::<Upstream>().unwrap_err().contains("invalid host"));
     }
 
     #[test]
@@ -343,23 +323,14 @@ mod tests {
         assert_eq!("none".parse::<HealthCheck>().unwrap(), HealthCheck::None);
         assert_eq!(
             "http:/healthz".parse::<HealthCheck>().unwrap(),
-            HealthCheck::Http {
-                host: None,
-                path: "/healthz".into()
-            }
+            HealthCheck::Http { host: None, path: "/healthz".into() }
         );
         assert_eq!(
             "http://svc.local/ready".parse::<HealthCheck>().unwrap(),
-            HealthCheck::Http {
-                host: Some("svc.local".into()),
-                path: "/ready".into()
-            }
+            HealthCheck::Http { host: Some("svc.local".into()), path: "/ready".into() }
         );
         assert!("http:healthz".parse::<HealthCheck>().is_err());
-        assert!("ping"
-            .parse::<HealthCheck>()
-            .unwrap_err()
-            .contains("'ping'"));
+        assert!("ping".parse::<HealthCheck>().unwrap_err().contains("'ping'"));
     }
 
     proptest! {

@@ -32,6 +32,16 @@ pub struct Timeouts {
     pub half_close: Option<Duration>,
 }
 
+impl Timeouts {
+    /// The inactivity limit once one side has finished sending.
+    pub fn after_half_close(&self) -> Option<Duration> {
+        match (self.idle, self.half_close) {
+            (Some(i), Some(h)) => Some(i.min(h)),
+            (i, h) => i.or(h),
+        }
+    }
+}
+
 /// How a spliced connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -97,10 +107,7 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+        Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
@@ -145,14 +152,7 @@ pub async fn splice(
 
     let (end, error) = loop {
         let half_closed = up_done || down_done;
-        let limit = if half_closed {
-            match (timeouts.idle, timeouts.half_close) {
-                (Some(i), Some(h)) => Some(i.min(h)),
-                (i, h) => i.or(h),
-            }
-        } else {
-            timeouts.idle
-        };
+        let limit = if half_closed { timeouts.after_half_close() } else { timeouts.idle };
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => {

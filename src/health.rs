@@ -110,14 +110,7 @@ struct Counter {
 
 impl Counter {
     fn new(rise: u32, fall: u32, now: Instant) -> Self {
-        Counter {
-            rise: rise.max(1),
-            fall: fall.max(1),
-            up: true,
-            ok: 0,
-            fail: 0,
-            since: now,
-        }
+        Counter { rise: rise.max(1), fall: fall.max(1), up: true, ok: 0, fail: 0, since: now }
     }
 
     fn observe(&mut self, ok: bool, now: Instant) -> Option<Transition> {
@@ -227,12 +220,8 @@ struct Prober {
 impl Prober {
     async fn run(self) {
         // Spread the first probes over one interval so backends are not probed in lock-step.
-        tokio::time::sleep(
-            self.config
-                .interval
-                .mul_f64((random_u64() % 1000) as f64 / 1000.0),
-        )
-        .await;
+        tokio::time::sleep(self.config.interval.mul_f64((random_u64() % 1000) as f64 / 1000.0))
+            .await;
         loop {
             let result = probe(self.backend.addr, &self.config).await;
             let ok = result.is_ok();
@@ -253,17 +242,12 @@ impl Prober {
 pub async fn probe(addr: SocketAddr, config: &HealthConfig) -> Result<String, String> {
     match tokio::time::timeout(config.timeout, probe_inner(addr, &config.check)).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "timeout after {}",
-            humantime::format_duration(config.timeout)
-        )),
+        Err(_) => Err(format!("timeout after {}", humantime::format_duration(config.timeout))),
     }
 }
 
 async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<String, String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| describe_io(&e))?;
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| describe_io(&e))?;
     match check {
         HealthCheck::None | HealthCheck::Connect => Ok("connect succeeded".into()),
         HealthCheck::Http { host, path } => {
@@ -271,10 +255,7 @@ async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<String, St
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tcplb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
             );
-            stream
-                .write_all(request.as_bytes())
-                .await
-                .map_err(|e| describe_io(&e))?;
+            stream.write_all(request.as_bytes()).await.map_err(|e| describe_io(&e))?;
             let status = read_status(&mut stream).await?;
             if (200..400).contains(&status) {
                 Ok(format!("HTTP {status}"))
@@ -333,22 +314,12 @@ mod tests {
         assert_eq!(c.observe(false, t0), None);
         assert_eq!(c.observe(false, t0), None);
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(
-            c.observe(false, t1),
-            Some(Transition::Down {
-                after: Duration::from_secs(5)
-            })
-        );
+        assert_eq!(c.observe(false, t1), Some(Transition::Down { after: Duration::from_secs(5) }));
         assert!(!c.up);
         assert_eq!(c.observe(false, t1), None);
         assert_eq!(c.observe(true, t1), None);
         let t2 = t1 + Duration::from_secs(2);
-        assert_eq!(
-            c.observe(true, t2),
-            Some(Transition::Up {
-                after: Duration::from_secs(2)
-            })
-        );
+        assert_eq!(c.observe(true, t2), Some(Transition::Up { after: Duration::from_secs(2) }));
         assert!(c.up);
     }
 
@@ -395,10 +366,7 @@ mod tests {
     fn jitter_stays_in_bounds() {
         for _ in 0..1000 {
             let d = jittered(Duration::from_secs(2), 0.1);
-            assert!(
-                d >= Duration::from_millis(1800) && d < Duration::from_millis(2200),
-                "{d:?}"
-            );
+            assert!(d >= Duration::from_millis(1800) && d < Duration::from_millis(2200), "{d:?}");
         }
     }
 }

@@ -171,22 +171,13 @@ mod tests {
 
     #[test]
     fn recognises_requests() {
-        assert_eq!(
-            sniff(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Sniff::Http { head: false }
-        );
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Sniff::Http { head: false });
         assert_eq!(sniff(b"HEAD /x HTTP/1.0\r\n"), Sniff::Http { head: true });
-        assert_eq!(
-            sniff(b"POST /upload HTTP/1.1\r\nContent-Le"),
-            Sniff::Http { head: false }
-        );
+        assert_eq!(sniff(b"POST /upload HTTP/1.1\r\nContent-Le"), Sniff::Http { head: false });
         assert_eq!(sniff(b"GET / HT"), Sniff::NeedMore);
         assert_eq!(sniff(b""), Sniff::NeedMore);
         assert_eq!(sniff(b"*2\r\n$3\r\nGET\r\n"), Sniff::NotHttp);
-        assert_eq!(
-            sniff(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
-            Sniff::NotHttp
-        );
+        assert_eq!(sniff(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), Sniff::NotHttp);
         assert_eq!(sniff(b"GET / HTTP/2.0\r\n"), Sniff::NotHttp);
     }
 
@@ -220,10 +211,7 @@ mod tests {
             assert_eq!(bytes.len() - len, if head { 0 } else { cl });
             assert_eq!(header("connection").as_deref(), Some("close"));
             assert!(header("content-type").unwrap().starts_with("text/plain"));
-            assert_eq!(
-                header("retry-after").is_some(),
-                status == Status::ServiceUnavailable
-            );
+            assert_eq!(header("retry-after").is_some(), status == Status::ServiceUnavailable);
         }
     }
 

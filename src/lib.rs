@@ -21,6 +21,7 @@
 //! - [`proxy`]: the per-connection task: connect with retry, then splice.
 //! - [`duplex`]: the bidirectional byte pump.
 //! - [`http`]: the HTTP peek and synthesized responses.
+//! - [`replay`]: the first exchange, held so an idempotent request can be replayed.
 //! - [`shutdown`]: process signals.
 #![deny(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod health;
 pub mod http;
 pub mod listener;
 pub mod proxy;
+pub mod replay;
 pub mod server;
 pub mod shutdown;
 

@@ -18,10 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!(
-                "tcplb: {} (see tcplb --help)",
-                one_line(&e.render().to_string())
-            );
+            eprintln!("tcplb: {} (see tcplb --help)", one_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };
@@ -42,10 +39,7 @@ fn main() -> ExitCode {
     };
     init_tracing(filter, format);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tcplb: error: cannot start the runtime: {e}");
@@ -69,10 +63,7 @@ fn main() -> ExitCode {
 /// Folds clap's multi-line error into one line, without the usage block.
 fn one_line(rendered: &str) -> String {
     let body = rendered.split("\n\nUsage:").next().unwrap_or(rendered);
-    let body = body
-        .split("\n\nFor more information")
-        .next()
-        .unwrap_or(body);
+    let body = body.split("\n\nFor more information").next().unwrap_or(body);
     body.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -96,10 +87,6 @@ fn init_tracing(filter: EnvFilter, format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }

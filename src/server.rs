@@ -107,10 +107,7 @@ impl Server {
 
     /// The backends of each listener, for inspection.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
-        self.services
-            .iter()
-            .flat_map(|(s, _)| s.pool.backends().iter().cloned())
-            .collect()
+        self.services.iter().flat_map(|(s, _)| s.pool.backends().iter().cloned()).collect()
     }
 
     /// Accepts until `shutdown` resolves, then closes the listeners, lets
@@ -119,9 +116,8 @@ impl Server {
         let stop = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(
-            self.config.max_connections.min(Semaphore::MAX_PERMITS),
-        ));
+        let limit =
+            Arc::new(Semaphore::new(self.config.max_connections.min(Semaphore::MAX_PERMITS)));
         let accepting = TaskTracker::new();
 
         for (svc, sockets) in self.services {
@@ -158,14 +154,8 @@ impl Server {
         if open > 0 {
             info!(connections = open, drain_timeout = %humantime::format_duration(self.config.drain_timeout), "draining");
         }
-        if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                connections = tracker.len(),
-                "drain timeout: closing remaining connections"
-            );
+        if tokio::time::timeout(self.config.drain_timeout, tracker.wait()).await.is_err() {
+            warn!(connections = tracker.len(), "drain timeout: closing remaining connections");
         }
         kill.cancel();
         tracker.wait().await;
@@ -181,12 +171,7 @@ async fn resolve_backends(lc: &ListenerConfig) -> Result<Vec<Arc<Backend>>, Erro
         for addr in resolve(up).await? {
             if seen.insert(addr) {
                 let name: Arc<str> = up.to_string().into();
-                backends.push(Arc::new(Backend::new(
-                    addr,
-                    name,
-                    lc.health.rise,
-                    lc.health.fall,
-                )));
+                backends.push(Arc::new(Backend::new(addr, name, lc.health.rise, lc.health.fall)));
             } else {
                 warn!(listener = %lc.name, upstream = %up, %addr, "duplicate backend address ignored");
             }
@@ -199,15 +184,10 @@ async fn resolve_backends(lc: &ListenerConfig) -> Result<Vec<Arc<Backend>>, Erro
 pub async fn resolve(up: &Upstream) -> Result<Vec<SocketAddr>, Error> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((up.host.as_str(), up.port))
         .await
-        .map_err(|source| Error::Resolve {
-            upstream: up.to_string(),
-            source,
-        })?
+        .map_err(|source| Error::Resolve { upstream: up.to_string(), source })?
         .collect();
     if addrs.is_empty() {
-        return Err(Error::NoAddress {
-            upstream: up.to_string(),
-        });
+        return Err(Error::NoAddress { upstream: up.to_string() });
     }
     Ok(addrs)
 }

@@ -7,27 +7,15 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tcplb")
+    Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("run tcplb")
 }
 
 /// Asserts a one-line error on stderr containing every `needle`, and the exit code.
 fn assert_error(args: &[&str], code: i32, needles: &[&str]) {
     let out = run(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "args {args:?}: stderr {stderr}"
-    );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "one line expected, got: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(code), "args {args:?}: stderr {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected, got: {stderr}");
     for n in needles {
         assert!(stderr.contains(n), "stderr {stderr:?} lacks {n:?}");
     }
@@ -36,11 +24,7 @@ fn assert_error(args: &[&str], code: i32, needles: &[&str]) {
 
 #[test]
 fn bad_upstream_value() {
-    assert_error(
-        &["--listen", "127.0.0.1:0", "--upstream", "nohost"],
-        2,
-        &["nohost", "HOST:PORT"],
-    );
+    assert_error(&["--listen", "127.0.0.1:0", "--upstream", "nohost"], 2, &["nohost", "HOST:PORT"]);
 }
 
 #[test]
@@ -74,14 +58,7 @@ fn bad_listen_address() {
 #[test]
 fn bad_duration() {
     assert_error(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:80",
-            "--connect-timeout",
-            "fast",
-        ],
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-timeout", "fast"],
         2,
         &["fast", "duration"],
     );
@@ -90,14 +67,7 @@ fn bad_duration() {
 #[test]
 fn zero_connect_attempts() {
     assert_error(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:80",
-            "--connect-attempts",
-            "0",
-        ],
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--connect-attempts", "0"],
         2,
         &["'0'", "at least 1"],
     );
@@ -106,14 +76,7 @@ fn zero_connect_attempts() {
 #[test]
 fn bad_log_level() {
     assert_error(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:80",
-            "--log-level",
-            "loud==",
-        ],
+        &["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80", "--log-level", "loud=="],
         2,
         &["loud=="],
     );
@@ -122,12 +85,7 @@ fn bad_log_level() {
 #[test]
 fn unresolvable_host() {
     assert_error(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "no-such-host.invalid:80",
-        ],
+        &["--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80"],
         2,
         &["no-such-host.invalid:80", "resolve"],
     );
@@ -137,38 +95,22 @@ fn unresolvable_host() {
 fn address_already_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    assert_error(
-        &["--listen", &addr, "--upstream", "127.0.0.1:80"],
-        1,
-        &[&addr, "already in use"],
-    );
+    assert_error(&["--listen", &addr, "--upstream", "127.0.0.1:80"], 1, &[&addr, "already in use"]);
 }
 
 #[test]
 fn permission_denied_on_low_port() {
     // Root may bind low ports: run as nobody through setpriv when we are root.
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
+    let is_root =
+        Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
     let mut cmd = if is_root {
         let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            BIN,
-        ]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", BIN]);
         c
     } else {
         Command::new(BIN)
     };
-    let out = match cmd
-        .args(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:80"])
-        .output()
-    {
+    let out = match cmd.args(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:80"]).output() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("SKIPPED: cannot run tcplb unprivileged here: {e}");
@@ -183,10 +125,7 @@ fn permission_denied_on_low_port() {
         return;
     }
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(
-        stderr.contains("127.0.0.1:1") && stderr.contains("permission denied"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("127.0.0.1:1") && stderr.contains("permission denied"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1);
 }
 
@@ -231,14 +170,7 @@ fn spawn_listening(
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
     let mut child = Proc(
         Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                upstream,
-                "--health-check",
-                "none",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
             .args(extra)
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
@@ -265,11 +197,8 @@ fn spawn_listening(
 }
 
 fn signal(child: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
+    let ok =
+        Command::new("kill").args([sig, &child.0.id().to_string()]).status().unwrap().success();
     assert!(ok);
 }
 
@@ -309,22 +238,13 @@ fn sigterm_drains_then_exits_zero() {
     signal(&child, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(&addr).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "new connects must be refused after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "new connects must be refused after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
     conn.write_all(b"b").unwrap();
     conn.read_exact(&mut b).unwrap();
-    assert_eq!(
-        &b, b"b",
-        "established connection keeps working during drain"
-    );
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "must not exit while a connection is open"
-    );
+    assert_eq!(&b, b"b", "established connection keeps working during drain");
+    assert!(child.0.try_wait().unwrap().is_none(), "must not exit while a connection is open");
     drop(conn);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
 }

@@ -65,18 +65,12 @@ async fn backend_half_close_keeps_the_other_direction_flowing() {
     let lb = start_one(listener(&[addr])).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     let mut greeting = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(T, s.read_to_end(&mut greeting)).await.unwrap().unwrap();
     assert_eq!(greeting, b"bye");
     let data = random_bytes(1 << 20, 3);
     s.write_all(&data).await.unwrap();
     s.shutdown().await.unwrap();
-    let got = tokio::time::timeout(T, count_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let got = tokio::time::timeout(T, count_rx.recv()).await.unwrap().unwrap();
     assert_eq!(got, digest(&data));
 }
 
@@ -146,9 +140,7 @@ async fn five_hundred_concurrent_connections_echo_intact() {
             t.await.unwrap();
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .expect("500 echoes timed out");
+    tokio::time::timeout(Duration::from_secs(60), all).await.expect("500 echoes timed out");
     assert_eq!(lb.backends[0].total() + lb.backends[1].total(), 500);
     assert_eq!(lb.backends[0].total(), 250);
 }
@@ -188,15 +180,10 @@ async fn idle_connections_are_closed_after_idle_timeout() {
         last = std::time::Instant::now();
     }
     let mut rest = Vec::new();
-    let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
-        .await
-        .expect("idle close");
+    let r = tokio::time::timeout(T, s.read_to_end(&mut rest)).await.expect("idle close");
     assert!(r.is_ok() && rest.is_empty(), "{r:?} {rest:?}");
     let waited = last.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250),
-        "closed too early: {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,10 +203,7 @@ async fn half_closed_connection_times_out() {
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
     let r = tokio::time::timeout(T, s.read_to_end(&mut rest)).await;
-    assert!(
-        r.is_ok(),
-        "half-closed connection must be closed by the half-close timeout"
-    );
+    assert!(r.is_ok(), "half-closed connection must be closed by the half-close timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,13 +222,8 @@ async fn backend_reset_closes_only_its_client() {
     let mut bystander = TcpStream::connect(lb.addr).await.unwrap();
     victim.write_all(b"boom").await.unwrap();
     let mut buf = Vec::new();
-    let r = tokio::time::timeout(T, victim.read_to_end(&mut buf))
-        .await
-        .expect("victim closed");
-    assert!(
-        r.is_err() || buf.is_empty(),
-        "victim must see a reset or a close"
-    );
+    let r = tokio::time::timeout(T, victim.read_to_end(&mut buf)).await.expect("victim closed");
+    assert!(r.is_err() || buf.is_empty(), "victim must see a reset or a close");
     bystander.write_all(b"still here").await.unwrap();
     let mut got = [0u8; 10];
     bystander.read_exact(&mut got).await.unwrap();
@@ -269,10 +248,7 @@ async fn at_max_connections_new_clients_wait_then_proceed() {
     third.write_all(b"3").await.unwrap();
     let mut b = [0u8; 1];
     let waited = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut b)).await;
-    assert!(
-        waited.is_err(),
-        "third connection must wait while at the limit"
-    );
+    assert!(waited.is_err(), "third connection must wait while at the limit");
     drop(first);
     tokio::time::timeout(T, third.read_exact(&mut b))
         .await
@@ -301,9 +277,7 @@ async fn drain_refuses_new_connects_and_lets_established_finish() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(T, refused)
-        .await
-        .expect("listener must close on shutdown");
+    tokio::time::timeout(T, refused).await.expect("listener must close on shutdown");
 
     // The established connection still works.
     s.write_all(b"b").await.unwrap();
@@ -315,10 +289,7 @@ async fn drain_refuses_new_connects_and_lets_established_finish() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     drop(s);
-    tokio::time::timeout(T, &mut lb.task)
-        .await
-        .expect("exits after the last connection")
-        .unwrap();
+    tokio::time::timeout(T, &mut lb.task).await.expect("exits after the last connection").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,14 +303,9 @@ async fn drain_timeout_closes_what_remains() {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
     lb.shutdown();
-    tokio::time::timeout(T, &mut lb.task)
-        .await
-        .expect("exits at the drain deadline")
-        .unwrap();
+    tokio::time::timeout(T, &mut lb.task).await.expect("exits at the drain deadline").unwrap();
     let mut rest = Vec::new();
-    let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
-        .await
-        .expect("client closed");
+    let r = tokio::time::timeout(T, s.read_to_end(&mut rest)).await.expect("client closed");
     assert!(r.is_err() || rest.is_empty());
 }
 
@@ -347,10 +313,7 @@ async fn drain_timeout_closes_what_remains() {
 async fn several_listen_addresses_share_the_backends() {
     let (a, _) = tag_backend("A").await;
     let mut l = listener(&[a]);
-    l.listen = vec![
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    ];
+    l.listen = vec!["127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()];
     let lb = start_one(l).await;
     assert_eq!(lb.addrs.len(), 2);
     for addr in &lb.addrs {

@@ -12,12 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn have(bin: &str) -> bool {
-    Command::new(bin)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
 struct Redis(Child);
@@ -30,11 +25,7 @@ impl Drop for Redis {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn start_redis() -> (Redis, SocketAddr) {
@@ -67,10 +58,7 @@ fn dbsize(addr: SocketAddr) -> u64 {
         .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "dbsize"])
         .output()
         .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,18 +77,7 @@ async fn redis_benchmark_through_tcplb() {
     let port = lb.addr.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("redis-benchmark")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-n",
-                "20000",
-                "-c",
-                "20",
-                "-r",
-                "1000",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &port, "-n", "20000", "-c", "20", "-r", "1000"])
             .args(["-t", "set,get,incr,lpush,lpop", "-q"])
             .output()
             .expect("run redis-benchmark")
@@ -109,25 +86,14 @@ async fn redis_benchmark_through_tcplb() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "redis-benchmark failed: {stdout} {stderr}"
-    );
+    assert!(out.status.success(), "redis-benchmark failed: {stdout} {stderr}");
     assert!(
         !stdout.to_lowercase().contains("error") && !stderr.to_lowercase().contains("error"),
         "{stdout} {stderr}"
     );
     for cmd in ["SET", "GET", "INCR", "LPUSH", "LPOP"] {
-        assert!(
-            stdout.contains(&format!("{cmd}:")),
-            "no {cmd} result in {stdout}"
-        );
+        assert!(stdout.contains(&format!("{cmd}:")), "no {cmd} result in {stdout}");
     }
     // Both servers took traffic.
-    assert!(
-        dbsize(a) > 0 && dbsize(b) > 0,
-        "keys on a: {}, on b: {}",
-        dbsize(a),
-        dbsize(b)
-    );
+    assert!(dbsize(a) > 0 && dbsize(b) > 0, "keys on a: {}, on b: {}", dbsize(a), dbsize(b));
 }

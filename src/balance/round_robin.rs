@@ -63,9 +63,7 @@ mod tests {
     }
 
     fn firsts(p: &Pool, k: usize) -> Vec<u16> {
-        (0..k)
-            .map(|_| p.candidates(client(), 3).next().unwrap().addr.port() - 1000)
-            .collect()
+        (0..k).map(|_| p.candidates(client(), 3).next().unwrap().addr.port() - 1000).collect()
     }
 
     #[test]
@@ -85,10 +83,7 @@ mod tests {
     #[test]
     fn retries_are_distinct_and_bounded() {
         let p = pool(4);
-        let c: Vec<u16> = p
-            .candidates(client(), 3)
-            .map(|b| b.addr.port() - 1000)
-            .collect();
+        let c: Vec<u16> = p.candidates(client(), 3).map(|b| b.addr.port() - 1000).collect();
         assert_eq!(c, vec![0, 1, 2]);
         let c: Vec<_> = p.candidates(client(), 10).collect();
         assert_eq!(c.len(), 4);

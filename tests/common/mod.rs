@@ -50,13 +50,8 @@ pub fn listener(upstreams: &[SocketAddr]) -> ListenerConfig {
 
 /// Like [`listener`] on a given address.
 pub fn listener_on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig {
-    let ups = upstreams
-        .iter()
-        .map(|a| Upstream {
-            host: a.ip().to_string(),
-            port: a.port(),
-        })
-        .collect();
+    let ups =
+        upstreams.iter().map(|a| Upstream { host: a.ip().to_string(), port: a.port() }).collect();
     let mut l = ListenerConfig::new("test", vec![addr], ups);
     l.health.check = HealthCheck::None;
     l.connect_timeout = Duration::from_secs(2);
@@ -72,13 +67,7 @@ pub async fn start(config: Config) -> Lb {
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Lb {
-        addr: addrs[0],
-        addrs,
-        backends,
-        stop: Some(tx),
-        task,
-    }
+    Lb { addr: addrs[0], addrs, backends, stop: Some(tx), task }
 }
 
 /// Starts tcplb with one listener and defaults.

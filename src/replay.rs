@@ -1,0 +1,301 @@
+//! The first exchange of a connection in `auto` and `http` mode.
+//!
+//! Until the backend sends its first byte, the client's bytes are forwarded
+//! at once *and* held (up to 64 KiB) while they still look like HTTP. If the
+//! backend then closes or resets without answering, and the held bytes are a
+//! complete idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, TRACE with
+//! its whole body), the proxy may replay them to another backend. As soon as
+//! one byte comes back, the exchange is over and nothing is ever replayed.
+//! Server-speaks-first protocols see no delay: the greeting ends the phase.
+
+use std::io;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::duplex::{write_all, Timeouts};
+use crate::http::{self, Sniff};
+
+/// Most client bytes held for a replay.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The client's bytes so far, while a replay is still possible.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Everything the client sent, while `tracking`.
+    bytes: Vec<u8>,
+    /// False once the bytes are known not to be a replayable request.
+    tracking: bool,
+    /// The client's first bytes were seen to be an HTTP request line.
+    http: bool,
+    /// The client finished sending (FIN).
+    pub client_done: bool,
+}
+
+impl Held {
+    /// Nothing held yet; tracking.
+    pub fn new() -> Self {
+        Held { bytes: Vec::new(), tracking: true, http: false, client_done: false }
+    }
+
+    /// The bytes to replay.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Whether the client's first bytes are an HTTP request line.
+    pub fn is_http(&self) -> bool {
+        self.http
+    }
+
+    fn record(&mut self, chunk: &[u8]) {
+        if !self.tracking {
+            return;
+        }
+        if self.bytes.len() + chunk.len() > REPLAY_LIMIT {
+            self.stop_tracking();
+            return;
+        }
+        self.bytes.extend_from_slice(chunk);
+        if !self.http {
+            match http::sniff(&self.bytes) {
+                Sniff::Http { .. } => self.http = true,
+                Sniff::NotHttp => self.stop_tracking(),
+                Sniff::NeedMore => {}
+            }
+        }
+    }
+
+    fn stop_tracking(&mut self) {
+        self.tracking = false;
+        self.bytes = Vec::new();
+    }
+
+    /// Whether the held bytes are a complete idempotent request, body
+    /// included, so that sending them again is safe.
+    pub fn replayable(&self) -> bool {
+        self.tracking && self.http && verdict(&self.bytes) == Verdict::Replay
+    }
+
+    /// After a backend closed early: reads more of the client's request (until
+    /// `deadline`) when that could still make it replayable. Returns the bytes
+    /// read, so that a caller that does not replay can still forward them.
+    pub async fn complete_from(&mut self, client: &TcpStream, deadline: Instant) -> Vec<u8> {
+        let mut extra = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        while self.tracking && !self.client_done && verdict(&self.bytes) == Verdict::NeedMore {
+            let read = tokio::time::timeout_at(deadline, async {
+                client.readable().await?;
+                client.try_read(&mut chunk)
+            })
+            .await;
+            match read {
+                Ok(Ok(0)) => self.client_done = true,
+                Ok(Ok(n)) => {
+                    extra.extend_from_slice(&chunk[..n]);
+                    self.record(&chunk[..n]);
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => break,
+            }
+        }
+        extra
+    }
+}
+
+/// Whether held bytes may be sent again to another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A complete idempotent request, body included (by Content-Length).
+    Replay,
+    /// Never: not HTTP, not idempotent, a chunked body, or a bad length.
+    Never,
+    /// The request is not complete yet.
+    NeedMore,
+}
+
+/// Judges whether `buf` starts with a complete idempotent request whose body
+/// is wholly in `buf`. Chunked bodies are never replayed.
+pub fn verdict(buf: &[u8]) -> Verdict {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < REPLAY_LIMIT => return Verdict::NeedMore,
+        _ => return Verdict::Never,
+    };
+    if !matches!(req.method, Some("GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")) {
+        return Verdict::Never;
+    }
+    let mut body = 0usize;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Verdict::Never;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()) {
+                Some(n) => body = n,
+                None => return Verdict::Never,
+            }
+        }
+    }
+    match head_len.checked_add(body) {
+        Some(end) if end <= buf.len() => Verdict::Replay,
+        Some(end) if end <= REPLAY_LIMIT => Verdict::NeedMore,
+        _ => Verdict::Never,
+    }
+}
+
+/// How the first exchange ended.
+#[derive(Debug)]
+pub enum First {
+    /// The backend sent its first bytes; they were written to the client.
+    Answered,
+    /// The backend closed or reset before sending a byte.
+    ClosedEarly(Option<io::Error>),
+    /// The client socket failed.
+    ClientError(io::Error),
+    /// Writing to the backend failed.
+    BackendError(io::Error),
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// The drain deadline passed.
+    Shutdown,
+}
+
+/// Bytes moved by the first exchange, and how it ended.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Client → backend bytes.
+    pub sent: u64,
+    /// Backend → client bytes.
+    pub received: u64,
+    /// How it ended.
+    pub result: First,
+}
+
+/// Forwards client bytes to `backend` (holding them in `held`) until the
+/// backend answers, closes, or something fails.
+pub async fn first_exchange(
+    client: &TcpStream,
+    backend: &TcpStream,
+    held: &mut Held,
+    timeouts: Timeouts,
+    cancel: &CancellationToken,
+) -> Exchange {
+    let limit = |held: &Held| {
+        if held.client_done {
+            timeouts.after_half_close()
+        } else {
+            timeouts.idle
+        }
+    };
+    let idle = limit(held);
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut deadline = idle.map(|d| Instant::now() + d);
+    let result = loop {
+        tokio::select! {
+            // The backend first: its answer ends the phase.
+            biased;
+            r = backend.readable() => {
+                if let Err(e) = r {
+                    break First::ClosedEarly(Some(e));
+                }
+                match backend.try_read(&mut buf) {
+                    Ok(0) => break First::ClosedEarly(None),
+                    Ok(n) => {
+                        if let Err(e) = write_all(client, &buf[..n]).await {
+                            break First::ClientError(e);
+                        }
+                        return Exchange { sent, received: n as u64, result: First::Answered };
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => break First::ClosedEarly(Some(e)),
+                }
+            }
+            r = client.readable(), if !held.client_done => {
+                if let Err(e) = r {
+                    break First::ClientError(e);
+                }
+                match client.try_read(&mut buf) {
+                    Ok(0) => {
+                        held.client_done = true;
+                        let _ = socket2::SockRef::from(backend).shutdown(std::net::Shutdown::Write);
+                        deadline = limit(held).map(|d| Instant::now() + d);
+                    }
+                    Ok(n) => {
+                        held.record(&buf[..n]);
+                        if let Err(e) = write_all(backend, &buf[..n]).await {
+                            break First::BackendError(e);
+                        }
+                        sent += n as u64;
+                        deadline = idle.map(|d| Instant::now() + d);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => break First::ClientError(e),
+                }
+            }
+            _ = until(deadline) => break First::IdleTimeout,
+            _ = cancel.cancelled() => break First::Shutdown,
+        }
+    };
+    Exchange { sent, received: 0, result }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn idempotent_requests_with_whole_bodies_are_replayable() {
+        use Verdict::*;
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Replay);
+        assert_eq!(verdict(b"PUT /k HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"), Replay);
+        assert_eq!(verdict(b"PUT /k HTTP/1.1\r\nContent-Length: 3\r\n\r\nab"), NeedMore);
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), Never);
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\n"), NeedMore);
+        let chunked = b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdict(chunked), Never);
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), Never);
+        assert_eq!(verdict(b"PUT / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n"), Never);
+        assert_eq!(verdict(b"\x16\x03\x01"), Never);
+    }
+
+    #[test]
+    fn held_stops_tracking_non_http_and_oversized() {
+        let mut h = Held::new();
+        h.record(b"*1\r\n$4\r\nPING\r\n");
+        assert!(!h.replayable() && h.bytes().is_empty());
+
+        let mut h = Held::new();
+        h.record(b"GET / HTTP/1.1\r\n");
+        h.record(b"Host: a\r\n\r\n");
+        assert!(h.is_http() && h.replayable());
+
+        let mut h = Held::new();
+        h.record(b"PUT / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n");
+        h.record(&vec![b'x'; 70000]);
+        assert!(!h.replayable());
+    }
+
+    proptest! {
+        #[test]
+        fn replay_check_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = verdict(&bytes);
+            let mut h = Held::new();
+            h.record(&bytes);
+            let _ = h.replayable();
+        }
+    }
+}

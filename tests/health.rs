@@ -1,0 +1,174 @@
+//! Active and passive health checks, and panic mode, over real sockets.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tcplb::config::{HealthCheck, HealthConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const INTERVAL: Duration = Duration::from_millis(100);
+
+fn fast_health(check: HealthCheck) -> HealthConfig {
+    HealthConfig {
+        check,
+        interval: INTERVAL,
+        timeout: Duration::from_millis(200),
+        rise: 2,
+        fall: 3,
+    }
+}
+
+/// Polls `cond` until it holds; returns how long that took, or panics after `limit`.
+async fn time_until(limit: Duration, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    assert!(eventually(limit, &cond).await, "{what}: not within {limit:?}");
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_leaves_rotation_and_returns_after_restart() {
+    let (a, _a) = tag_backend("A").await;
+    let (b, b_task) = tag_backend("B").await;
+    let mut l = listener(&[a, b]);
+    l.health = fast_health(HealthCheck::Connect);
+    let lb = start_one(l).await;
+
+    b_task.abort();
+    let _ = b_task.await;
+    // interval × fall, plus one interval of jitter and scheduling slack.
+    let bound = INTERVAL * 3 + INTERVAL + Duration::from_millis(700);
+    let took =
+        time_until(Duration::from_secs(5), "B marked down", || !lb.backends[1].health.is_up())
+            .await;
+    assert!(took <= bound, "took {took:?} > {bound:?}");
+    let failures_when_down = lb.backends[1].connect_failures();
+    for _ in 0..6 {
+        assert_eq!(read_all_from(lb.addr).await, b"A");
+    }
+    assert_eq!(
+        lb.backends[1].connect_failures(),
+        failures_when_down,
+        "a down backend must not be tried"
+    );
+
+    let (_b2, _t) = serve_on(b, |mut s| async move {
+        let _ = s.write_all(b"B").await;
+    })
+    .await;
+    let bound = INTERVAL * 2 + INTERVAL + Duration::from_millis(700);
+    let took =
+        time_until(Duration::from_secs(5), "B back up", || lb.backends[1].health.is_up()).await;
+    assert!(took <= bound, "took {took:?} > {bound:?}");
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.extend(read_all_from(lb.addr).await);
+    }
+    assert!(seen.contains(&b'B') && seen.contains(&b'A'), "{seen:?}");
+}
+
+/// An HTTP backend whose /healthz answers with a status the test controls,
+/// and that records the probe requests it saw.
+async fn http_backend(status: Arc<AtomicU16>, seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
+    let (addr, _) = serve(move |mut s| {
+        let status = Arc::clone(&status);
+        let seen = Arc::clone(&seen);
+        async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => len += n,
+                }
+            }
+            seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            let code = status.load(Ordering::Relaxed);
+            let resp =
+                format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_probe_marks_down_on_503_and_up_on_200() {
+    let status = Arc::new(AtomicU16::new(200));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let addr = http_backend(Arc::clone(&status), Arc::clone(&seen)).await;
+    let mut l = listener(&[addr]);
+    l.health = fast_health("http://svc.test/healthz".parse().unwrap());
+    let lb = start_one(l).await;
+
+    assert!(eventually(Duration::from_secs(3), || !seen.lock().unwrap().is_empty()).await);
+    let first = seen.lock().unwrap()[0].clone();
+    assert!(first.starts_with("GET /healthz HTTP/1.1\r\n"), "{first}");
+    assert!(first.contains("Host: svc.test\r\n"), "{first}");
+    assert!(lb.backends[0].health.is_up());
+
+    status.store(503, Ordering::Relaxed);
+    time_until(Duration::from_secs(3), "down on 503", || !lb.backends[0].health.is_up()).await;
+    status.store(200, Ordering::Relaxed);
+    time_until(Duration::from_secs(3), "up on 200", || lb.backends[0].health.is_up()).await;
+    status.store(302, Ordering::Relaxed);
+    tokio::time::sleep(INTERVAL * 5).await;
+    assert!(lb.backends[0].health.is_up(), "3xx is healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_failures_mark_down_before_any_probe() {
+    let dead = dead_addr().await;
+    let (live, _) = tag_backend("L").await;
+    let mut l = listener(&[dead, live]);
+    l.health = HealthConfig {
+        check: HealthCheck::Connect,
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 2,
+    };
+    let lb = start_one(l).await;
+    for _ in 0..8 {
+        assert_eq!(read_all_from(lb.addr).await, b"L");
+    }
+    assert!(!lb.backends[0].health.is_up(), "two real failures must mark it down");
+    assert_eq!(lb.backends[0].connect_failures(), 2, "a down backend is no longer tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_reaches_a_backend_the_probe_calls_down() {
+    // The probe expects HTTP; this backend is not HTTP, so the probe fails,
+    // but it serves its real clients fine.
+    let (a, _) = tag_backend("A").await;
+    let mut l = listener(&[a]);
+    l.health = fast_health("http:/healthz".parse().unwrap());
+    let lb = start_one(l).await;
+    time_until(Duration::from_secs(3), "wrongly down", || !lb.backends[0].health.is_up()).await;
+    for _ in 0..3 {
+        assert_eq!(read_all_from(lb.addr).await, b"A");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_task_per_backend_on_its_own_schedule() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&count);
+    let (addr, _) = serve(move |_s| {
+        c.fetch_add(1, Ordering::Relaxed);
+        async {}
+    })
+    .await;
+    let mut l = listener(&[addr]);
+    l.health = fast_health(HealthCheck::Connect);
+    let _lb = start_one(l).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    let n = count.load(Ordering::Relaxed);
+    // About one probe per interval (±10% jitter, random first delay).
+    assert!((6..=13).contains(&n), "{n} probes in ~1 s at a 100 ms interval");
+}
