@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tcplb::backend::{Backend, Pool};
-use tcplb::balance::RoundRobin;
+use tcplb::config::StrategyKind;
 
 fn pool(n: usize) -> Pool {
     let backends = (0..n)
@@ -14,7 +14,7 @@ fn pool(n: usize) -> Pool {
             Arc::new(Backend::new(addr, "bench".into(), 2, 3))
         })
         .collect();
-    Pool::new(backends, Box::new(RoundRobin::new()))
+    Pool::new(backends, StrategyKind::RoundRobin)
 }
 
 fn round_robin(c: &mut Criterion) {

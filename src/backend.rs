@@ -1,16 +1,41 @@
 //! Backends and the pool a listener selects from.
 //!
 //! A [`Backend`] is one resolved address. Everything the hot path reads or
-//! bumps on it is an atomic: whether it is up, how many connections it holds,
-//! counters for logs. A [`Pool`] is the fixed list of one listener's backends
-//! plus its selection strategy.
+//! bumps on it is an atomic: whether it is up, draining or full, how many
+//! connections it holds, counters. Settings that a reload may change (weight,
+//! backup, connection cap, PROXY header) are atomics too, so an unchanged
+//! address keeps one `Backend` (and its health and counters) across reloads.
+//! A [`Pool`] is an immutable snapshot of one listener's backends with their
+//! strategies, rebuilt and swapped whole when the set changes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::balance::Strategy;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{self, Strategy};
+use crate::config::{ProxyVersion, StrategyKind};
 use crate::health::Health;
+
+/// Per-backend settings, as resolved from the upstream spec and listener defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Relative share of new connections.
+    pub weight: u32,
+    /// Only used when no primary backend is up.
+    pub backup: bool,
+    /// Most concurrent connections (0: unlimited).
+    pub max_connections: usize,
+    /// PROXY header to send before the client's bytes.
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { weight: 1, backup: false, max_connections: 0, send_proxy: None }
+    }
+}
 
 /// One backend address and its live state.
 #[derive(Debug)]
@@ -21,33 +46,134 @@ pub struct Backend {
     pub upstream: Arc<str>,
     /// Up/down state and the rise/fall counters that move it.
     pub health: Health,
-    /// Client connections currently proxied to this backend.
+    /// Relative share of new connections (≥ 1).
+    weight: AtomicU32,
+    /// Backup backends take traffic only when no primary is up.
+    backup: AtomicBool,
+    /// Connection cap (0: unlimited); a full backend is skipped like a down one.
+    max_connections: AtomicUsize,
+    /// PROXY header version to send: 0 none, 1 v1, 2 v2.
+    send_proxy: AtomicU8,
+    /// Taken out of rotation (by an operator, or removed by a reload): no new
+    /// connections, established ones run to their end.
+    draining: AtomicBool,
+    /// Cancelled when the backend leaves the configuration: stops its probe.
+    retired: CancellationToken,
+    /// Client connections currently held (including connects in progress).
     active: AtomicUsize,
-    /// Client connections ever established to this backend.
+    /// Client connections ever established.
     total: AtomicU64,
-    /// Connect attempts to this backend that failed.
+    /// Connect attempts that failed.
     connect_failures: AtomicU64,
 }
 
 impl Backend {
     /// A backend that starts up, so traffic flows at once.
     pub fn new(addr: SocketAddr, upstream: Arc<str>, rise: u32, fall: u32) -> Self {
-        Backend {
+        Self::with_settings(addr, upstream, rise, fall, Settings::default())
+    }
+
+    /// A backend with explicit settings.
+    pub fn with_settings(
+        addr: SocketAddr,
+        upstream: Arc<str>,
+        rise: u32,
+        fall: u32,
+        settings: Settings,
+    ) -> Self {
+        let b = Backend {
             addr,
             upstream,
             health: Health::new(rise, fall),
+            weight: AtomicU32::new(1),
+            backup: AtomicBool::new(false),
+            max_connections: AtomicUsize::new(0),
+            send_proxy: AtomicU8::new(0),
+            draining: AtomicBool::new(false),
+            retired: CancellationToken::new(),
             active: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+        };
+        b.apply(settings);
+        b
+    }
+
+    /// Updates the settings in place (reload).
+    pub fn apply(&self, s: Settings) {
+        self.weight.store(s.weight.max(1), Ordering::Relaxed);
+        self.backup.store(s.backup, Ordering::Relaxed);
+        self.max_connections.store(s.max_connections, Ordering::Relaxed);
+        let v = match s.send_proxy {
+            None => 0,
+            Some(ProxyVersion::V1) => 1,
+            Some(ProxyVersion::V2) => 2,
+        };
+        self.send_proxy.store(v, Ordering::Relaxed);
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            weight: self.weight(),
+            backup: self.is_backup(),
+            max_connections: self.max_connections.load(Ordering::Relaxed),
+            send_proxy: self.send_proxy(),
         }
     }
 
-    /// Whether selection may send new clients here.
-    pub fn is_available(&self) -> bool {
-        self.health.is_up()
+    /// Relative share of new connections.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
-    /// Connections currently proxied here.
+    /// Whether this is a backup backend.
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
+    /// PROXY header version to send, if any.
+    pub fn send_proxy(&self) -> Option<ProxyVersion> {
+        match self.send_proxy.load(Ordering::Relaxed) {
+            1 => Some(ProxyVersion::V1),
+            2 => Some(ProxyVersion::V2),
+            _ => None,
+        }
+    }
+
+    /// Whether selection may send new clients here: up, not draining, not full.
+    pub fn is_available(&self) -> bool {
+        self.health.is_up() && !self.is_draining() && !self.is_full()
+    }
+
+    /// Whether the connection cap is reached.
+    pub fn is_full(&self) -> bool {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        max != 0 && self.active() >= max
+    }
+
+    /// Whether the backend is out of rotation.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Takes the backend out of rotation (true) or puts it back (false).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Marks the backend as removed from the configuration.
+    pub fn retire(&self) {
+        self.set_draining(true);
+        self.retired.cancel();
+    }
+
+    /// Cancelled once the backend is removed from the configuration.
+    pub fn retired(&self) -> &CancellationToken {
+        &self.retired
+    }
+
+    /// Connections currently held.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -66,15 +192,24 @@ impl Backend {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a connection as active until the guard drops.
-    pub(crate) fn track(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn record_connected(&self) {
         self.total.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(Arc::clone(self))
+    }
+
+    /// Claims a connection slot, or None when the backend is full. The slot
+    /// is held until the guard drops, connect attempt included.
+    pub(crate) fn try_claim(self: &Arc<Self>) -> Option<ActiveGuard> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
+        if max != 0 && before >= max {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ActiveGuard(Arc::clone(self)))
     }
 }
 
-/// Decrements a backend's active count when the connection ends.
+/// Releases a backend connection slot when the connection ends.
 #[derive(Debug)]
 pub(crate) struct ActiveGuard(Arc<Backend>);
 
@@ -84,63 +219,116 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// One listener's backends and the strategy that orders them.
+/// Backends of one kind (primary or backup) and the strategy over them.
 #[derive(Debug)]
-pub struct Pool {
-    /// All backends, in the order the upstreams were given.
+struct Tier {
+    /// The backends, in configuration order.
     backends: Vec<Arc<Backend>>,
-    /// Picks the first backend to try for each client.
+    /// Picks the first backend to try.
     strategy: Box<dyn Strategy>,
 }
 
+impl Tier {
+    fn new(backends: Vec<Arc<Backend>>, kind: StrategyKind) -> Self {
+        let strategy = balance::build(kind, &backends);
+        Tier { backends, strategy }
+    }
+}
+
+/// One listener's backends and the strategies that order them.
+#[derive(Debug)]
+pub struct Pool {
+    /// Every backend, primaries and backups, in configuration order.
+    all: Vec<Arc<Backend>>,
+    /// Backends that take traffic normally.
+    primaries: Tier,
+    /// Backends that take traffic only when no primary is available.
+    backups: Tier,
+    /// The strategy kind, for status and rebuilds.
+    kind: StrategyKind,
+}
+
 impl Pool {
-    /// A pool over `backends` using `strategy`.
-    pub fn new(backends: Vec<Arc<Backend>>, strategy: Box<dyn Strategy>) -> Self {
-        Pool { backends, strategy }
+    /// A pool over `backends` using the strategy `kind`.
+    pub fn new(backends: Vec<Arc<Backend>>, kind: StrategyKind) -> Self {
+        let (backups, primaries): (Vec<_>, Vec<_>) =
+            backends.iter().cloned().partition(|b| b.is_backup());
+        Pool {
+            all: backends,
+            primaries: Tier::new(primaries, kind),
+            backups: Tier::new(backups, kind),
+            kind,
+        }
     }
 
     /// Every backend, up or down.
     pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+        &self.all
+    }
+
+    /// The strategy kind.
+    pub fn strategy(&self) -> StrategyKind {
+        self.kind
     }
 
     /// The backends to try for `client`, best first, at most `attempts` of them.
     ///
-    /// The strategy picks the first among available backends; the rest follow
-    /// in ring order, skipping unavailable ones. When no backend is available
-    /// the pool is in panic mode: every backend is a candidate, so a wrong
-    /// health check cannot turn into a full outage.
+    /// The strategy picks the first among available primaries; the other
+    /// available primaries follow in ring order, then available backups.
+    /// Backups lead only when no primary is available. When nothing is
+    /// available the pool is in panic mode: every backend is a candidate, so a
+    /// wrong health check cannot turn into a full outage.
     pub fn candidates(&self, client: SocketAddr, attempts: usize) -> Candidates<'_> {
-        let n = self.backends.len();
-        match self.strategy.pick(&self.backends, client) {
-            Some(first) => {
-                Candidates { pool: self, first, step: 0, left: attempts.min(n), panic: false }
-            }
-            None => {
-                let first = self.strategy.pick_any(n, client);
-                Candidates { pool: self, first, step: 0, left: attempts.min(n), panic: n > 0 }
-            }
+        let mut c =
+            Candidates { segments: [None, None], seg: 0, step: 0, left: attempts, panic: false };
+        let p = &self.primaries;
+        let b = &self.backups;
+        if let Some(first) = p.strategy.pick(&p.backends, client) {
+            c.segments[0] = Some(Segment { tier: p, first, all: false });
+            let first = b.strategy.pick(&b.backends, client).unwrap_or(0);
+            c.segments[1] =
+                (!b.backends.is_empty()).then_some(Segment { tier: b, first, all: false });
+        } else if let Some(first) = b.strategy.pick(&b.backends, client) {
+            c.segments[0] = Some(Segment { tier: b, first, all: false });
+        } else {
+            let tier = if p.backends.is_empty() { b } else { p };
+            let first = tier.strategy.pick_any(tier.backends.len(), client);
+            c.segments[0] =
+                (!tier.backends.is_empty()).then_some(Segment { tier, first, all: true });
+            c.panic = !tier.backends.is_empty();
         }
+        c
     }
+}
+
+/// A walk over one tier, starting at `first`.
+#[derive(Debug, Clone, Copy)]
+struct Segment<'a> {
+    /// The tier walked.
+    tier: &'a Tier,
+    /// Index of the first backend.
+    first: usize,
+    /// Yield unavailable backends too (panic mode).
+    all: bool,
 }
 
 /// Backends to try for one client, in order; see [`Pool::candidates`].
 #[derive(Debug)]
 pub struct Candidates<'a> {
-    /// The pool walked.
-    pool: &'a Pool,
-    /// Index of the strategy's choice.
-    first: usize,
-    /// How far around the ring from `first` the walk is.
+    /// Up to two walks: primaries then backups, or one of them.
+    segments: [Option<Segment<'a>>; 2],
+    /// The segment being walked.
+    seg: usize,
+    /// How far around the current segment's ring the walk is.
     step: usize,
     /// How many more candidates may be yielded.
     left: usize,
-    /// No backend was available: yield down ones too.
+    /// No backend was available: candidates include unavailable ones.
     panic: bool,
 }
 
 impl Candidates<'_> {
-    /// True when every backend was down and candidates include down ones.
+    /// True when every backend was unavailable and candidates include them.
     pub fn is_panic(&self) -> bool {
         self.panic
     }
@@ -150,15 +338,89 @@ impl<'a> Iterator for Candidates<'a> {
     type Item = &'a Arc<Backend>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let n = self.pool.backends.len();
-        while self.left > 0 && self.step < n {
-            let b = &self.pool.backends[(self.first + self.step) % n];
+        while self.left > 0 && self.seg < self.segments.len() {
+            let Some(s) = self.segments[self.seg] else {
+                self.seg += 1;
+                self.step = 0;
+                continue;
+            };
+            let n = s.tier.backends.len();
+            if self.step >= n {
+                self.seg += 1;
+                self.step = 0;
+                continue;
+            }
+            let b = &s.tier.backends[(s.first + self.step) % n];
+            // The strategy's own pick is yielded as is: it was available when picked.
+            let first = self.step == 0 && !s.all;
             self.step += 1;
-            if self.panic || self.step == 1 || b.is_available() {
+            if s.all || first || b.is_available() {
                 self.left -= 1;
                 return Some(b);
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(port: u16, s: Settings) -> Arc<Backend> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Arc::new(Backend::with_settings(addr, format!("b{port}").into(), 1, 1, s))
+    }
+
+    fn client() -> SocketAddr {
+        "127.0.0.1:5000".parse().unwrap()
+    }
+
+    fn ports(c: Candidates<'_>) -> Vec<u16> {
+        c.map(|b| b.addr.port()).collect()
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_available() {
+        let backup = Settings { backup: true, ..Settings::default() };
+        let pool = Pool::new(
+            vec![
+                backend(1, Settings::default()),
+                backend(2, Settings::default()),
+                backend(9, backup),
+            ],
+            StrategyKind::RoundRobin,
+        );
+        for _ in 0..10 {
+            assert_ne!(pool.candidates(client(), 1).next().unwrap().addr.port(), 9);
+        }
+        // Retries run through the primaries, then the backup.
+        assert_eq!(ports(pool.candidates(client(), 5)).last(), Some(&9));
+        pool.backends()[0].health.set_up(false);
+        pool.backends()[1].set_draining(true);
+        assert_eq!(ports(pool.candidates(client(), 3)), vec![9]);
+        pool.backends()[2].health.set_up(false);
+        let c = pool.candidates(client(), 3);
+        assert!(c.is_panic());
+        assert_eq!(c.count(), 2, "panic mode walks the primaries");
+    }
+
+    #[test]
+    fn full_backend_is_skipped_and_claims_are_capped() {
+        let capped = Settings { max_connections: 1, ..Settings::default() };
+        let pool = Pool::new(
+            vec![backend(1, capped), backend(2, Settings::default())],
+            StrategyKind::RoundRobin,
+        );
+        let a = &pool.backends()[0];
+        let g = a.try_claim().expect("first slot");
+        assert!(a.try_claim().is_none(), "cap of one");
+        assert!(a.is_full() && !a.is_available());
+        for _ in 0..4 {
+            assert_eq!(pool.candidates(client(), 1).next().unwrap().addr.port(), 2);
+        }
+        drop(g);
+        assert!(a.is_available());
+        assert_eq!(a.active(), 0);
     }
 }

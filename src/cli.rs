@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::config::{self, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, Upstream};
+use crate::config::{
+    self, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion, StrategyKind,
+    Upstream,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -37,8 +40,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen)]
     pub listen: Vec<SocketAddr>,
 
-    /// Backend as HOST:PORT or [IPV6]:PORT. Repeatable. A host name becomes one
-    /// backend per address it resolves to.
+    /// Backend as HOST:PORT[,weight=N][,backup][,max-connections=N][,send-proxy=v1|v2].
+    /// Repeatable. A host name becomes one backend per address it resolves to.
     #[arg(long, value_name = "HOST:PORT", required = true)]
     pub upstream: Vec<Upstream>,
 
@@ -95,6 +98,28 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value = "3", value_parser = config::parse_threshold)]
     pub fall: u32,
 
+    /// Health probes start with the backend's PROXY header (HAProxy's check-send-proxy).
+    #[arg(long)]
+    pub health_send_proxy: bool,
+
+    /// How backends are chosen.
+    #[arg(long, value_enum, default_value = "round-robin")]
+    pub strategy: StrategyKind,
+
+    /// Send a PROXY protocol header (v1 or v2) to every backend before the
+    /// client's bytes; `send-proxy=` on an upstream overrides it.
+    #[arg(long, value_name = "VERSION", value_parser = config::parse_proxy_version)]
+    pub send_proxy: Option<ProxyVersion>,
+
+    /// Expect a PROXY protocol header (v1 or v2) from every client (a load
+    /// balancer in front); connections without a valid one are closed.
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// Re-resolve upstream host names this often (0 disables).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    pub dns_refresh: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -140,7 +165,12 @@ impl Cli {
             timeout: self.health_timeout,
             rise: self.rise,
             fall: self.fall,
+            send_proxy: self.health_send_proxy,
         };
+        listener.strategy = self.strategy;
+        listener.send_proxy = self.send_proxy;
+        listener.accept_proxy = self.accept_proxy;
+        listener.dns_refresh = (!self.dns_refresh.is_zero()).then_some(self.dns_refresh);
         let mut config = Config::single(listener);
         config.drain_timeout = self.drain_timeout;
         config.max_connections = self.max_connections;

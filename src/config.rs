@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Default wait for a client's first bytes on the failure path.
 pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default interval between re-resolutions of upstream host names.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+/// Longest wait for a client's PROXY header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The whole process configuration.
 #[derive(Debug, Clone)]
@@ -38,7 +42,7 @@ pub struct Config {
 }
 
 /// One service: where clients arrive and where they are sent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     /// Name used in logs.
     pub name: String,
@@ -62,6 +66,14 @@ pub struct ListenerConfig {
     pub health: HealthConfig,
     /// listen(2) backlog.
     pub backlog: u32,
+    /// How backends are chosen.
+    pub strategy: StrategyKind,
+    /// PROXY header to send to backends whose upstream does not say otherwise.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Expect a PROXY header (v1 or v2) from the client.
+    pub accept_proxy: bool,
+    /// Re-resolve upstream host names this often (None: never).
+    pub dns_refresh: Option<Duration>,
 }
 
 impl ListenerConfig {
@@ -79,6 +91,10 @@ impl ListenerConfig {
             peek_timeout: DEFAULT_PEEK_TIMEOUT,
             health: HealthConfig::default(),
             backlog: DEFAULT_BACKLOG,
+            strategy: StrategyKind::RoundRobin,
+            send_proxy: None,
+            accept_proxy: false,
+            dns_refresh: Some(DEFAULT_DNS_REFRESH),
         }
     }
 }
@@ -95,7 +111,8 @@ impl Config {
 }
 
 /// What tcplb may say on its own when it cannot forward a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Answer HTTP clients with 502/503/504, close anything else.
     Auto,
@@ -118,6 +135,8 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take an up backend down.
     pub fall: u32,
+    /// Probes start with the backend's PROXY header (HAProxy's check-send-proxy).
+    pub send_proxy: bool,
 }
 
 impl Default for HealthConfig {
@@ -128,8 +147,45 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            send_proxy: false,
         }
     }
+}
+
+/// How a listener chooses backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// Smooth weighted round-robin (nginx's order).
+    RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConnections,
+    /// The lighter of two random backends.
+    RandomTwo,
+    /// Maglev consistent hashing of the client IP.
+    Maglev,
+}
+
+impl StrategyKind {
+    /// The name used on the command line and in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::RoundRobin => "round-robin",
+            StrategyKind::LeastConnections => "least-connections",
+            StrategyKind::RandomTwo => "random-two",
+            StrategyKind::Maglev => "maglev",
+        }
+    }
+}
+
+/// PROXY protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The human-readable text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// The kind of active probe.
@@ -192,13 +248,87 @@ fn check_path(path: &str, spec: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An upstream as written by the user: a host (name or IP) and a port.
+/// An upstream as written by the user: a host (name or IP), a port, and options.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
     /// Host name, IPv4 address or IPv6 address (without brackets).
     pub host: String,
     /// TCP port, 1-65535.
     pub port: u16,
+    /// Relative share of new connections (≥ 1).
+    pub weight: u32,
+    /// Only used when no primary backend is up.
+    pub backup: bool,
+    /// Connection cap for each address of this upstream (None: unlimited).
+    pub max_connections: Option<usize>,
+    /// PROXY header to send (overrides the listener's).
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+impl Upstream {
+    /// An upstream with default options.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Upstream {
+            host: host.into(),
+            port,
+            weight: 1,
+            backup: false,
+            max_connections: None,
+            send_proxy: None,
+        }
+    }
+
+    /// Whether `host` is an IP literal (never re-resolved).
+    pub fn is_ip(&self) -> bool {
+        self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+
+    /// `HOST:PORT` without options.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Parses the options after the first comma: `weight=N`, `backup`,
+    /// `max-connections=N`, `send-proxy=v1|v2`.
+    fn apply_option(&mut self, opt: &str, spec: &str) -> Result<(), String> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (opt.trim(), None),
+        };
+        match (key, value) {
+            ("backup", None) => self.backup = true,
+            ("weight", Some(v)) => match v.parse::<u32>() {
+                Ok(w) if (1..=1000).contains(&w) => self.weight = w,
+                _ => return Err(format!("weight '{v}' in '{spec}' must be a whole number from 1 to 1000")),
+            },
+            ("max-connections" | "max_connections", Some(v)) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 => self.max_connections = Some(n),
+                _ => return Err(format!("max-connections '{v}' in '{spec}' must be at least 1")),
+            },
+            ("send-proxy" | "send_proxy", Some(v)) => {
+                self.send_proxy = Some(parse_proxy_version(v).map_err(|e| format!("{e} in '{spec}'"))?)
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option '{opt}' in '{spec}': expected weight=N, backup, max-connections=N or send-proxy=v1|v2"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `v1` or `v2`.
+pub fn parse_proxy_version(s: &str) -> Result<ProxyVersion, String> {
+    match s {
+        "v1" | "1" => Ok(ProxyVersion::V1),
+        "v2" | "2" => Ok(ProxyVersion::V2),
+        _ => Err(format!("PROXY version '{s}' must be v1 or v2")),
+    }
 }
 
 impl fmt::Display for Upstream {
@@ -214,7 +344,9 @@ impl fmt::Display for Upstream {
 impl FromStr for Upstream {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut parts = spec.split(',');
+        let s = parts.next().unwrap_or_default().trim();
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (host, after) = rest
                 .split_once(']')
@@ -242,7 +374,11 @@ impl FromStr for Upstream {
             return Err(format!("'{s}' has an invalid host name '{host}'"));
         }
         let port = parse_port(port).map_err(|e| format!("'{s}': {e}"))?;
-        Ok(Upstream { host: host.to_string(), port })
+        let mut up = Upstream::new(host, port);
+        for opt in parts {
+            up.apply_option(opt, spec)?;
+        }
+        Ok(up)
     }
 }
 

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
-use crate::config::{HealthCheck, HealthConfig};
+use crate::config::{HealthCheck, HealthConfig, ProxyVersion};
+use crate::service::Service;
 
 /// The up/down state of one backend.
 #[derive(Debug)]
@@ -71,6 +72,13 @@ impl Health {
         c.fail = 0;
         c.since = Instant::now();
         self.up.store(up, Ordering::Relaxed);
+    }
+
+    /// Changes the rise/fall thresholds (reload), keeping the state.
+    pub fn set_thresholds(&self, rise: u32, fall: u32) {
+        let mut c = self.lock();
+        c.rise = rise.max(1);
+        c.fall = fall.max(1);
     }
 
     /// Records one result (probe or real connect) and returns the transition it caused.
@@ -181,73 +189,78 @@ fn jittered(d: Duration, frac: f64) -> Duration {
     d.mul_f64(1.0 - frac + 2.0 * frac * unit)
 }
 
-/// Spawns one probe task per backend; each runs until `stop` is cancelled.
-pub fn spawn_probes(
-    listener: Arc<str>,
-    backends: &[Arc<Backend>],
-    config: &HealthConfig,
-    stop: &CancellationToken,
-) {
-    if config.check == HealthCheck::None {
-        return;
-    }
-    for backend in backends {
-        let prober = Prober {
-            listener: Arc::clone(&listener),
-            backend: Arc::clone(backend),
-            config: config.clone(),
-        };
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = prober.run() => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+/// Spawns the probe task of one backend. It runs until `kill` is cancelled
+/// (shutdown) or the backend is retired (removed by a reload or DNS change),
+/// and reads the listener's current health settings before every probe.
+pub fn spawn_probe(service: Arc<Service>, backend: Arc<Backend>, kill: CancellationToken) {
+    tokio::spawn(async move {
+        let retired = backend.retired().clone();
+        let prober = Prober { service, backend };
+        tokio::select! {
+            _ = prober.run() => {}
+            _ = kill.cancelled() => {}
+            _ = retired.cancelled() => {}
+        }
+    });
 }
 
 /// The probe loop of one backend.
 struct Prober {
-    /// Listener name for logs.
-    listener: Arc<str>,
+    /// The listener, for its name and current health settings.
+    service: Arc<Service>,
     /// The backend probed.
     backend: Arc<Backend>,
-    /// What to probe and how often.
-    config: HealthConfig,
 }
 
 impl Prober {
     async fn run(self) {
+        let first = self.service.snapshot().config.health.interval;
         // Spread the first probes over one interval so backends are not probed in lock-step.
-        tokio::time::sleep(self.config.interval.mul_f64((random_u64() % 1000) as f64 / 1000.0))
-            .await;
+        tokio::time::sleep(first.mul_f64((random_u64() % 1000) as f64 / 1000.0)).await;
         loop {
-            let result = probe(self.backend.addr, &self.config).await;
-            let ok = result.is_ok();
-            let reason = match &result {
-                Ok(what) => what.clone(),
-                Err(why) => why.clone(),
-            };
-            debug!(listener = %self.listener, backend = %self.backend.addr, ok, %reason, "health probe");
-            if let Some(t) = self.backend.health.observe(ok) {
-                log_transition(&self.listener, &self.backend, t, &reason);
+            let config = self.service.snapshot().config.health.clone();
+            if config.check != HealthCheck::None {
+                let proxy = config.send_proxy.then(|| self.backend.send_proxy()).flatten();
+                let result = probe(self.backend.addr, &config, proxy).await;
+                let ok = result.is_ok();
+                let reason = match &result {
+                    Ok(what) => what.clone(),
+                    Err(why) => why.clone(),
+                };
+                debug!(listener = %self.service.name, backend = %self.backend.addr, ok, %reason, "health probe");
+                if let Some(t) = self.backend.health.observe(ok) {
+                    log_transition(&self.service.name, &self.backend, t, &reason);
+                }
             }
-            tokio::time::sleep(jittered(self.config.interval, 0.1)).await;
+            tokio::time::sleep(jittered(config.interval, 0.1)).await;
         }
     }
 }
 
 /// Runs one probe; Ok holds a short description, Err the reason it failed.
-pub async fn probe(addr: SocketAddr, config: &HealthConfig) -> Result<String, String> {
-    match tokio::time::timeout(config.timeout, probe_inner(addr, &config.check)).await {
+pub async fn probe(
+    addr: SocketAddr,
+    config: &HealthConfig,
+    send_proxy: Option<ProxyVersion>,
+) -> Result<String, String> {
+    match tokio::time::timeout(config.timeout, probe_inner(addr, &config.check, send_proxy)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timeout after {}", humantime::format_duration(config.timeout))),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<String, String> {
+async fn probe_inner(
+    addr: SocketAddr,
+    check: &HealthCheck,
+    send_proxy: Option<ProxyVersion>,
+) -> Result<String, String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| describe_io(&e))?;
+    if let Some(version) = send_proxy {
+        // The probe's own addresses, as HAProxy's check-send-proxy does.
+        let local = stream.local_addr().map_err(|e| describe_io(&e))?;
+        let header = crate::proxy_protocol::encode(version, local, addr);
+        stream.write_all(&header).await.map_err(|e| describe_io(&e))?;
+    }
     match check {
         HealthCheck::None | HealthCheck::Connect => Ok("connect succeeded".into()),
         HealthCheck::Http { host, path } => {

@@ -13,7 +13,10 @@
 //! Module map:
 //! - [`cli`]: the command line (clap derive); no logic.
 //! - [`config`]: validated configuration, defaults, parsers of user input.
-//! - [`server`]: binds everything and runs it until shutdown ([`Server`]).
+//! - [`server`]: binds everything and runs it until shutdown ([`Server`]);
+//!   the control loop that applies reloads and DNS changes.
+//! - [`service`]: one listener's live state, swapped whole on change.
+//! - [`discovery`]: resolving upstreams (injectable resolver), DNS refresh.
 //! - [`listener`]: socket2 binding and the accept loop with back-off.
 //! - [`backend`]: `Backend` (address, atomics for state and counters) and `Pool`.
 //! - [`balance`]: selection strategies behind one small trait.
@@ -22,6 +25,7 @@
 //! - [`duplex`]: the bidirectional byte pump.
 //! - [`http`]: the HTTP peek and synthesized responses.
 //! - [`replay`]: the first exchange, held so an idempotent request can be replayed.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
 //! - [`shutdown`]: process signals.
 #![deny(unsafe_code)]
 
@@ -29,14 +33,17 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod duplex;
 pub mod health;
 pub mod http;
 pub mod listener;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod replay;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 
 pub use config::Config;
-pub use server::{Error, Server};
+pub use server::{Error, Handle, Server};

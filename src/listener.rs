@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::proxy::{self, Service};
+use crate::proxy;
+use crate::service::Service;
 
 /// Pause after an accept error caused by resource exhaustion.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

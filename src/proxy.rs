@@ -1,54 +1,26 @@
-//! The per-connection task: pick candidates, connect with retry across
-//! distinct backends, then splice; on total failure, answer HTTP clients.
+//! The per-connection task: read a PROXY header when the listener expects
+//! one, pick candidates, connect with retry across distinct backends (sending
+//! a PROXY header when the backend wants one), watch the first exchange for
+//! an early close, then splice; on total failure, answer HTTP clients.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::backend::{Backend, Candidates, Pool};
-use crate::config::{HealthCheck, ListenerConfig, Protocol};
+use crate::backend::{ActiveGuard, Backend, Candidates};
+use crate::config::{HealthCheck, Protocol, PROXY_HEADER_TIMEOUT};
 use crate::duplex::{self, Timeouts};
 use crate::health::{describe_io, log_transition};
 use crate::http::{self, Sniff, Status};
+use crate::proxy_protocol;
 use crate::replay::{self, First, Held};
-
-/// One listener's shared state, read by every connection it accepts.
-#[derive(Debug)]
-pub struct Service {
-    /// Listener name for logs.
-    pub name: Arc<str>,
-    /// Its settings.
-    pub config: ListenerConfig,
-    /// Its backends and strategy.
-    pub pool: Pool,
-    /// Whether the last selection found no backend up (panic mode), so that
-    /// entering and leaving it is logged once, not per connection.
-    panic: AtomicBool,
-}
-
-impl Service {
-    /// A service over `pool` with `config`.
-    pub fn new(config: ListenerConfig, pool: Pool) -> Self {
-        Service { name: config.name.as_str().into(), config, pool, panic: AtomicBool::new(false) }
-    }
-
-    fn note_panic(&self, panic: bool) {
-        if self.panic.swap(panic, Ordering::Relaxed) != panic {
-            if panic {
-                warn!(listener = %self.name, "no backend is up: panic mode, trying all backends");
-            } else {
-                info!(listener = %self.name, "a backend is up again: leaving panic mode");
-            }
-        }
-    }
-}
+use crate::service::{Service, Snapshot};
 
 /// Why a connect attempt failed.
 #[derive(Debug)]
@@ -70,6 +42,25 @@ impl ConnectError {
     }
 }
 
+/// Who the connection is from and to, as far as backends should know.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    /// The client: the peer address, or the source of its PROXY header.
+    client: SocketAddr,
+    /// What the client connected to.
+    destination: SocketAddr,
+}
+
+/// A backend connection in use.
+struct Upstream {
+    /// The backend.
+    backend: Arc<Backend>,
+    /// The socket.
+    stream: TcpStream,
+    /// Holds the backend's connection slot.
+    _slot: ActiveGuard,
+}
+
 /// Serves one client connection to its end.
 pub async fn serve(
     svc: Arc<Service>,
@@ -78,25 +69,45 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let started = Instant::now();
-    let mut candidates = svc.pool.candidates(peer, svc.config.connect_attempts);
+    let snap = svc.snapshot();
+    let cfg = &snap.config;
+    let local = client.local_addr().unwrap_or(peer);
+    let mut ends = Endpoints { client: peer, destination: local };
+    if cfg.accept_proxy {
+        let header = tokio::select! {
+            h = proxy_protocol::read_header(&client, Instant::now() + PROXY_HEADER_TIMEOUT) => h,
+            _ = cancel.cancelled() => return,
+        };
+        match header {
+            Ok(h) => {
+                ends.client = h.source.unwrap_or(peer);
+                ends.destination = h.destination.unwrap_or(local);
+            }
+            Err(e) => {
+                warn!(listener = %svc.name, client = %peer, error = %e, "closing connection: bad PROXY header");
+                return;
+            }
+        }
+    }
+
+    let mut candidates = snap.pool.candidates(ends.client, cfg.connect_attempts);
     svc.note_panic(candidates.is_panic());
     let connected = tokio::select! {
-        r = connect(&svc, &mut candidates, peer) => r,
+        r = connect(&svc, &snap, &mut candidates, ends) => r,
         _ = cancel.cancelled() => return,
     };
-    let (mut backend, mut upstream) = match connected {
-        Ok(pair) => pair,
-        Err(status) => return fail(&svc, &client, peer, status, &cancel).await,
+    let mut up = match connected {
+        Ok(up) => up,
+        Err(status) => return fail(&svc, &snap, &client, ends.client, status, &cancel).await,
     };
-    let mut active = backend.track();
     let (mut sent, mut received) = (0, 0);
 
-    let timeouts =
-        Timeouts { idle: svc.config.idle_timeout, half_close: svc.config.half_close_timeout };
-    if svc.config.protocol != Protocol::Tcp {
+    let timeouts = Timeouts { idle: cfg.idle_timeout, half_close: cfg.half_close_timeout };
+    if cfg.protocol != Protocol::Tcp {
         let mut held = Held::new();
         loop {
-            let fx = replay::first_exchange(&client, &upstream, &mut held, timeouts, &cancel).await;
+            let fx =
+                replay::first_exchange(&client, &up.stream, &mut held, timeouts, &cancel).await;
             sent += fx.sent;
             received += fx.received;
             match fx.result {
@@ -105,18 +116,18 @@ pub async fn serve(
                     let reason = error
                         .as_ref()
                         .map_or_else(|| "closed before answering".into(), describe_io);
-                    debug!(listener = %svc.name, client = %peer, backend = %backend.addr, %reason, "backend closed early");
-                    if let Some(t) = backend.health.observe(false) {
-                        log_transition(&svc.name, &backend, t, &reason);
+                    debug!(listener = %svc.name, client = %ends.client, backend = %up.backend.addr, %reason, "backend closed early");
+                    if let Some(t) = up.backend.health.observe(false) {
+                        log_transition(&svc.name, &up.backend, t, &reason);
                     }
                     // The backend may have closed before the client said anything:
                     // read enough of the request to judge it.
                     let extra =
-                        held.complete_from(&client, Instant::now() + svc.config.peek_timeout).await;
+                        held.complete_from(&client, Instant::now() + cfg.peek_timeout).await;
                     if !held.is_http() {
                         // Not ours to judge: forward what was read, splice on, and
                         // the end of stream propagates.
-                        let _ = duplex::write_all(&upstream, &extra).await;
+                        let _ = duplex::write_all(&up.stream, &extra).await;
                         break;
                     }
                     if !held.replayable() {
@@ -124,21 +135,20 @@ pub async fn serve(
                         return;
                     }
                     let next = tokio::select! {
-                        r = connect(&svc, &mut candidates, peer) => r,
+                        r = connect(&svc, &snap, &mut candidates, ends) => r,
                         _ = cancel.cancelled() => return,
                     };
                     match next {
-                        Ok((b, s)) => {
-                            debug!(listener = %svc.name, client = %peer, backend = %b.addr, bytes = held.bytes().len(), "replaying request");
-                            if duplex::write_all(&s, held.bytes()).await.is_err() {
+                        Ok(next) => {
+                            debug!(listener = %svc.name, client = %ends.client, backend = %next.backend.addr, bytes = held.bytes().len(), "replaying request");
+                            if duplex::write_all(&next.stream, held.bytes()).await.is_err() {
                                 continue;
                             }
                             if held.client_done {
-                                let _ =
-                                    socket2::SockRef::from(&s).shutdown(std::net::Shutdown::Write);
+                                let _ = socket2::SockRef::from(&next.stream)
+                                    .shutdown(std::net::Shutdown::Write);
                             }
-                            (backend, upstream) = (b, s);
-                            active = backend.track();
+                            up = next;
                         }
                         Err(status) => {
                             let _ = http::respond(&client, status, false).await;
@@ -151,7 +161,7 @@ pub async fn serve(
                     return;
                 }
                 First::ClientError(_) => {
-                    duplex::reset_on_close(&upstream);
+                    duplex::reset_on_close(&up.stream);
                     return;
                 }
                 First::IdleTimeout | First::Shutdown => return,
@@ -159,12 +169,11 @@ pub async fn serve(
         }
     }
 
-    let outcome = duplex::splice(&client, &upstream, timeouts, &cancel).await;
-    drop(active);
+    let outcome = duplex::splice(&client, &up.stream, timeouts, &cancel).await;
     debug!(
         listener = %svc.name,
-        client = %peer,
-        backend = %backend.addr,
+        client = %ends.client,
+        backend = %up.backend.addr,
         sent = sent + outcome.sent,
         received = received + outcome.received,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -174,26 +183,44 @@ pub async fn serve(
     );
 }
 
-/// Tries the next candidates until one accepts; on failure returns the
-/// status an HTTP client should see.
+/// Tries the next candidates until one accepts (and takes its PROXY header);
+/// on failure returns the status an HTTP client should see.
 async fn connect(
     svc: &Service,
+    snap: &Snapshot,
     candidates: &mut Candidates<'_>,
-    peer: SocketAddr,
-) -> Result<(Arc<Backend>, TcpStream), Status> {
+    ends: Endpoints,
+) -> Result<Upstream, Status> {
     let mut status = Status::ServiceUnavailable;
-    let timeout = svc.config.connect_timeout;
+    let timeout = snap.config.connect_timeout;
     for backend in candidates {
-        match connect_one(backend.addr, timeout).await {
+        // A backend that filled up since it was picked is skipped like a down one.
+        let Some(slot) = backend.try_claim() else { continue };
+        let result = match connect_one(backend.addr, timeout).await {
+            Ok(stream) => match backend.send_proxy() {
+                Some(v) => {
+                    let header = proxy_protocol::encode(v, ends.client, ends.destination);
+                    match duplex::write_all(&stream, &header).await {
+                        Ok(()) => Ok(stream),
+                        Err(e) => Err(ConnectError::Io(e)),
+                    }
+                }
+                None => Ok(stream),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(stream) => {
-                if let Some(t) = backend.health.observe(true).filter(|_| passive_rise(svc)) {
+                backend.record_connected();
+                let passive_rise = snap.config.health.check == HealthCheck::None;
+                if let Some(t) = backend.health.observe(true).filter(|_| passive_rise) {
                     log_transition(&svc.name, backend, t, "connect succeeded");
                 }
-                return Ok((Arc::clone(backend), stream));
+                return Ok(Upstream { backend: Arc::clone(backend), stream, _slot: slot });
             }
             Err(e) => {
                 let reason = e.describe(timeout);
-                warn!(listener = %svc.name, client = %peer, backend = %backend.addr, %reason, "backend connect failed");
+                warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, "backend connect failed");
                 backend.record_connect_failure();
                 if let Some(t) = backend.health.observe(false) {
                     log_transition(&svc.name, backend, t, &reason);
@@ -206,11 +233,6 @@ async fn connect(
         }
     }
     Err(status)
-}
-
-/// Real successes bring a backend up only when no active probe will.
-fn passive_rise(svc: &Service) -> bool {
-    svc.config.health.check == HealthCheck::None
 }
 
 async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -228,22 +250,24 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
 /// No backend could be reached: answer an HTTP client, close anything else.
 async fn fail(
     svc: &Service,
+    snap: &Snapshot,
     client: &TcpStream,
     peer: SocketAddr,
     status: Status,
     cancel: &CancellationToken,
 ) {
     debug!(listener = %svc.name, client = %peer, status = status.code(), "no backend reachable");
-    if svc.config.protocol == Protocol::Tcp {
+    let protocol = snap.config.protocol;
+    if protocol == Protocol::Tcp {
         return;
     }
-    let deadline = Instant::now() + svc.config.peek_timeout;
+    let deadline = Instant::now() + snap.config.peek_timeout;
     let answer = async {
         // In http mode the service is known to speak HTTP: only bytes that
         // are certainly something else get a plain close.
         let head = match http::sniff_client(client, &[], deadline).await {
             Sniff::Http { head } => head,
-            Sniff::NeedMore if svc.config.protocol == Protocol::Http => false,
+            Sniff::NeedMore if protocol == Protocol::Http => false,
             _ => return,
         };
         if let Err(e) = http::respond(client, status, head).await {

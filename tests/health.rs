@@ -20,6 +20,7 @@ fn fast_health(check: HealthCheck) -> HealthConfig {
         timeout: Duration::from_millis(200),
         rise: 2,
         fall: 3,
+        send_proxy: false,
     }
 }
 
@@ -132,6 +133,7 @@ async fn passive_failures_mark_down_before_any_probe() {
         timeout: Duration::from_secs(1),
         rise: 2,
         fall: 2,
+        send_proxy: false,
     };
     let lb = start_one(l).await;
     for _ in 0..8 {

@@ -209,16 +209,22 @@ async fn half_closed_connection_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_closes_only_its_client() {
     // Backend 1 resets on "boom"; backend 2 echoes.
-    let (bad, _) = serve(|s| async move {
-        let mut s = s;
-        let mut b = [0u8; 4];
-        let _ = s.read_exact(&mut b).await;
-        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let (bad, _) = serve(move |s| {
+        let _ = accepted_tx.send(());
+        async move {
+            let mut s = s;
+            let mut b = [0u8; 4];
+            let _ = s.read_exact(&mut b).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
     })
     .await;
     let (good, _) = echo_backend().await;
     let lb = start_one(listener(&[bad, good])).await;
     let mut victim = TcpStream::connect(lb.addr).await.unwrap();
+    // Round-robin sends the first connection to the bad backend.
+    tokio::time::timeout(T, accepted.recv()).await.expect("bad backend accepted");
     let mut bystander = TcpStream::connect(lb.addr).await.unwrap();
     victim.write_all(b"boom").await.unwrap();
     let mut buf = Vec::new();

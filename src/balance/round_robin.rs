@@ -1,38 +1,91 @@
-//! Round-robin with one lock-free atomic cursor.
+//! Smooth weighted round-robin (nginx's algorithm), lock-free.
+//!
+//! The nginx algorithm keeps a mutable "current weight" per backend and takes
+//! a lock per pick. Its output is periodic with period Σweights, so tcplb
+//! computes one period when the pool is built and picks by indexing it with an
+//! atomic cursor: the same order (weights 5:1:1 give a a b a c a a), one
+//! `fetch_add` per pick. With equal weights it is plain round-robin.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::Strategy;
+use super::{scan_from, Strategy};
 use crate::backend::Backend;
 
-/// Hands out backends in turn. Unavailable backends are skipped by advancing
-/// the shared cursor again, so the available ones share the load evenly (the
-/// backend after a down one does not get twice its share).
-#[derive(Debug, Default)]
+/// Longest precomputed period; larger weight sums are scaled down to fit.
+const MAX_PERIOD: u64 = 1 << 16;
+/// Sequence steps tried before falling back to a scan (many backends down).
+const MAX_SKIPS: usize = 64;
+
+/// Hands out backends in the smooth weighted order.
+#[derive(Debug)]
 pub struct RoundRobin {
-    /// Next position in the ring; wraps naturally.
+    /// One period of the smooth WRR order, as backend indices.
+    sequence: Vec<u32>,
+    /// Next position in `sequence`; wraps naturally.
     cursor: AtomicUsize,
 }
 
 impl RoundRobin {
-    /// A cursor starting at the first backend.
-    pub fn new() -> Self {
-        Self::default()
+    /// The order for `backends` with their current weights.
+    pub fn new(backends: &[Arc<Backend>]) -> Self {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
+        RoundRobin { sequence: smooth_sequence(&weights), cursor: AtomicUsize::new(0) }
+    }
+}
+
+/// One period of nginx's smooth weighted round-robin over `weights`.
+pub fn smooth_sequence(weights: &[u32]) -> Vec<u32> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let g = weights.iter().fold(0u32, |g, &w| gcd(g, w.max(1)));
+    let mut w: Vec<u64> = weights.iter().map(|&x| (x.max(1) / g) as u64).collect();
+    let sum: u64 = w.iter().sum();
+    if sum > MAX_PERIOD {
+        for x in &mut w {
+            *x = (*x * MAX_PERIOD / sum).max(1);
+        }
+    }
+    let total: i64 = w.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
 impl Strategy for RoundRobin {
     fn pick(&self, backends: &[Arc<Backend>], _client: SocketAddr) -> Option<usize> {
-        let n = backends.len();
-        for _ in 0..n {
-            let i = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let len = self.sequence.len();
+        if len == 0 {
+            return None;
+        }
+        for _ in 0..len.min(MAX_SKIPS) {
+            let i = self.sequence[self.cursor.fetch_add(1, Ordering::Relaxed) % len] as usize;
             if backends[i].is_available() {
                 return Some(i);
             }
         }
-        None
+        scan_from(backends, self.cursor.load(Ordering::Relaxed) % backends.len())
     }
 
     fn pick_any(&self, n: usize, _client: SocketAddr) -> usize {
@@ -45,58 +98,52 @@ impl Strategy for RoundRobin {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::*;
     use super::*;
-    use crate::backend::Pool;
 
-    fn pool(n: usize) -> Pool {
-        let backends = (0..n)
-            .map(|i| {
-                let addr: SocketAddr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
-                Arc::new(Backend::new(addr, format!("b{i}").into(), 1, 1))
-            })
-            .collect();
-        Pool::new(backends, Box::new(RoundRobin::new()))
-    }
-
-    fn client() -> SocketAddr {
-        "127.0.0.1:5000".parse().unwrap()
-    }
-
-    fn firsts(p: &Pool, k: usize) -> Vec<u16> {
-        (0..k).map(|_| p.candidates(client(), 3).next().unwrap().addr.port() - 1000).collect()
+    fn picks(weights: &[u32], k: usize) -> Vec<usize> {
+        let b = weighted(weights);
+        let rr = RoundRobin::new(&b);
+        (0..k).map(|_| rr.pick(&b, client(0)).unwrap()).collect()
     }
 
     #[test]
-    fn plain_order() {
-        assert_eq!(firsts(&pool(3), 7), vec![0, 1, 2, 0, 1, 2, 0]);
+    fn nginx_order_for_5_1_1() {
+        assert_eq!(picks(&[5, 1, 1], 14), vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
-    fn down_backend_skipped_evenly() {
-        let p = pool(3);
-        p.backends()[1].health.set_up(false);
-        let picks = firsts(&p, 8);
+    fn three_to_one_is_interleaved() {
+        assert_eq!(picks(&[3, 1], 8), vec![0, 0, 1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn equal_weights_are_plain_round_robin() {
+        assert_eq!(picks(&[1, 1, 1], 7), vec![0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(picks(&[4, 4], 4), vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled_to_a_bounded_period() {
+        let s = smooth_sequence(&[1_000_000, 1_000_000, 1]);
+        assert!(s.len() as u64 <= MAX_PERIOD + 3);
+        assert!(s.contains(&2));
+    }
+
+    #[test]
+    fn down_backend_is_skipped_evenly() {
+        let b = weighted(&[1, 1, 1]);
+        b[1].health.set_up(false);
+        let rr = RoundRobin::new(&b);
+        let picks: Vec<usize> = (0..8).map(|_| rr.pick(&b, client(0)).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 4);
         assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 4);
     }
 
     #[test]
-    fn retries_are_distinct_and_bounded() {
-        let p = pool(4);
-        let c: Vec<u16> = p.candidates(client(), 3).map(|b| b.addr.port() - 1000).collect();
-        assert_eq!(c, vec![0, 1, 2]);
-        let c: Vec<_> = p.candidates(client(), 10).collect();
-        assert_eq!(c.len(), 4);
-    }
-
-    #[test]
-    fn panic_mode_when_all_down() {
-        let p = pool(2);
-        for b in p.backends() {
-            b.health.set_up(false);
-        }
-        let c = p.candidates(client(), 3);
-        assert!(c.is_panic());
-        assert_eq!(c.count(), 2);
+    fn none_when_all_down() {
+        let b = weighted(&[1, 1]);
+        b.iter().for_each(|x| x.health.set_up(false));
+        assert_eq!(RoundRobin::new(&b).pick(&b, client(0)), None);
     }
 }

@@ -50,8 +50,7 @@ pub fn listener(upstreams: &[SocketAddr]) -> ListenerConfig {
 
 /// Like [`listener`] on a given address.
 pub fn listener_on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig {
-    let ups =
-        upstreams.iter().map(|a| Upstream { host: a.ip().to_string(), port: a.port() }).collect();
+    let ups = upstreams.iter().map(|a| Upstream::new(a.ip().to_string(), a.port())).collect();
     let mut l = ListenerConfig::new("test", vec![addr], ups);
     l.health.check = HealthCheck::None;
     l.connect_timeout = Duration::from_secs(2);

@@ -1,0 +1,95 @@
+//! Least connections, relative to weight; ties broken round-robin.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::{lighter, Strategy};
+use crate::backend::Backend;
+
+/// Picks the available backend with the fewest active connections per unit
+/// of weight. The scan starts at a rotating offset, so equal loads share new
+/// connections in turn instead of all going to the first backend.
+#[derive(Debug, Default)]
+pub struct LeastConnections {
+    /// Where the next scan starts.
+    cursor: AtomicUsize,
+}
+
+impl LeastConnections {
+    /// A strategy with its scan starting at the first backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Strategy for LeastConnections {
+    fn pick(&self, backends: &[Arc<Backend>], _client: SocketAddr) -> Option<usize> {
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let b = &backends[i];
+            if !b.is_available() {
+                continue;
+            }
+            if best.is_none_or(|j| lighter(b, &backends[j])) {
+                best = Some(i);
+            }
+        }
+        best
+    }
+
+    fn pick_any(&self, n: usize, _client: SocketAddr) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        self.cursor.fetch_add(1, Ordering::Relaxed) % n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::*;
+
+    #[test]
+    fn follows_held_connections() {
+        let b = weighted(&[1, 1, 1]);
+        let lc = LeastConnections::new();
+        let _g0 = b[0].try_claim();
+        let _g1 = b[0].try_claim();
+        let _g2 = b[1].try_claim();
+        assert_eq!(lc.pick(&b, client(0)), Some(2));
+        let _g3 = b[2].try_claim();
+        // b0 holds two, b1 and b2 one each: never b0.
+        for _ in 0..6 {
+            assert_ne!(lc.pick(&b, client(0)), Some(0));
+        }
+        drop(_g0);
+        drop(_g1);
+        // Now b0 holds none.
+        assert_eq!(lc.pick(&b, client(0)), Some(0));
+    }
+
+    #[test]
+    fn ties_rotate() {
+        let b = weighted(&[1, 1, 1]);
+        let lc = LeastConnections::new();
+        let picks: Vec<usize> = (0..6).map(|_| lc.pick(&b, client(0)).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn weight_scales_the_load() {
+        let b = weighted(&[3, 1]);
+        let lc = LeastConnections::new();
+        // b0 holds 2 with weight 3 (0.67/unit), b1 holds 1 with weight 1 (1/unit).
+        let _a = (b[0].try_claim(), b[0].try_claim(), b[1].try_claim());
+        assert_eq!(lc.pick(&b, client(0)), Some(0));
+    }
+}

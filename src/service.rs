@@ -1,0 +1,76 @@
+//! One listener's live state: its settings and backend pool, swapped whole by
+//! a reload or a DNS change. Every connection loads the snapshot current when
+//! it starts and keeps it to its end, so a swap never disturbs it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use crate::backend::{Backend, Pool};
+use crate::config::ListenerConfig;
+
+/// Settings and pool at one point in time.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The listener's settings.
+    pub config: ListenerConfig,
+    /// Its backends and strategy.
+    pub pool: Pool,
+}
+
+/// A listener's shared state, read by its accept loops, connections and probes.
+#[derive(Debug)]
+pub struct Service {
+    /// Listener name for logs and metrics.
+    pub name: Arc<str>,
+    /// The current snapshot; read lock-free, replaced whole.
+    current: ArcSwap<Snapshot>,
+    /// Whether the last selection found nothing available (panic mode), so
+    /// that entering and leaving it is logged once, not per connection.
+    panic: AtomicBool,
+}
+
+impl Service {
+    /// A service starting with `config` and `pool`.
+    pub fn new(config: ListenerConfig, pool: Pool) -> Self {
+        Service {
+            name: config.name.as_str().into(),
+            current: ArcSwap::from_pointee(Snapshot { config, pool }),
+            panic: AtomicBool::new(false),
+        }
+    }
+
+    /// The current settings and pool.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replaces the settings and pool.
+    pub(crate) fn replace(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// Every current backend.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.current.load().pool.backends().to_vec()
+    }
+
+    /// The current backend with address `addr`.
+    pub fn backend(&self, addr: SocketAddr) -> Option<Arc<Backend>> {
+        self.current.load().pool.backends().iter().find(|b| b.addr == addr).cloned()
+    }
+
+    /// Logs entering and leaving panic mode, once each.
+    pub(crate) fn note_panic(&self, panic: bool) {
+        if self.panic.swap(panic, Ordering::Relaxed) != panic {
+            if panic {
+                warn!(listener = %self.name, "no backend is up: panic mode, trying all backends");
+            } else {
+                info!(listener = %self.name, "a backend is up again: leaving panic mode");
+            }
+        }
+    }
+}
