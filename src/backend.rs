@@ -353,8 +353,10 @@ impl<'a> Iterator for Candidates<'a> {
             let b = &s.tier.backends[(s.first + self.step) % n];
             // The strategy's own pick is yielded as is: it was available when picked.
             let first = self.step == 0 && !s.all;
+            debug_assert!(n > 0);
             self.step += 1;
-            if s.all || first || b.is_available() {
+            // Panic mode ignores health, never an operator's drain.
+            if (s.all && !b.is_draining()) || first || b.is_available() {
                 self.left -= 1;
                 return Some(b);
             }
@@ -402,7 +404,7 @@ mod tests {
         pool.backends()[2].health.set_up(false);
         let c = pool.candidates(client(), 3);
         assert!(c.is_panic());
-        assert_eq!(c.count(), 2, "panic mode walks the primaries");
+        assert_eq!(ports(c), vec![1], "panic mode walks the primaries, never a drained one");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! [`Cli::into_config`], a plain field-by-field mapping.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -36,88 +37,103 @@ Signals: SIGTERM/SIGINT drain and exit; a second SIGINT exits at once.";
 #[derive(Debug, Parser)]
 #[command(name = "tcplb", version, after_help = EXAMPLES, max_term_width = 100)]
 pub struct Cli {
+    /// Read listeners and settings from this TOML file (SIGHUP reloads it);
+    /// excludes the listener flags below.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration (file or flags), print every problem, and exit
+    /// (0 when valid, 2 when not) without starting.
+    #[arg(long)]
+    pub check: bool,
+
     /// Address to accept clients on, IPv4 or IPv6 (e.g. 0.0.0.0:80, [::]:80). Repeatable.
-    #[arg(long, value_name = "ADDR", required = true, value_parser = config::parse_listen)]
+    #[arg(long, conflicts_with = "config", value_name = "ADDR", required_unless_present = "config", value_parser = config::parse_listen)]
     pub listen: Vec<SocketAddr>,
 
     /// Backend as HOST:PORT[,weight=N][,backup][,max-connections=N][,send-proxy=v1|v2].
     /// Repeatable. A host name becomes one backend per address it resolves to.
-    #[arg(long, value_name = "HOST:PORT", required = true)]
+    #[arg(
+        long,
+        conflicts_with = "config",
+        value_name = "HOST:PORT",
+        required_unless_present = "config"
+    )]
     pub upstream: Vec<Upstream>,
 
     /// Limit on each connect to a backend.
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "3s", value_parser = config::parse_duration)]
     pub connect_timeout: Duration,
 
     /// How many distinct backends one client connection may try before giving up.
-    #[arg(long, value_name = "N", default_value = "3", value_parser = config::parse_positive)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "3", value_parser = config::parse_positive)]
     pub connect_attempts: usize,
 
     /// Close a connection with no bytes either way for this long (0 disables).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1h", value_parser = config::parse_duration)]
     pub idle_timeout: Duration,
 
     /// Close a half-closed connection (one side sent FIN) idle for this long (0: idle timeout only).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "60s", value_parser = config::parse_duration)]
     pub half_close_timeout: Duration,
 
     /// After SIGTERM/SIGINT, how long established connections may run before they are closed.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub drain_timeout: Duration,
 
     /// Limit of concurrent client connections; at the limit new clients wait in the kernel backlog.
-    #[arg(long, value_name = "N", default_value = "10000", value_parser = config::parse_positive)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "10000", value_parser = config::parse_positive)]
     pub max_connections: usize,
 
     /// What tcplb may say when no backend can be reached: auto answers HTTP
     /// clients with 502/503/504 and closes others; tcp never writes a byte.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
     pub protocol: Protocol,
 
     /// On the failure path, how long to wait for a silent client's first bytes.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
     pub peek_timeout: Duration,
 
     /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
-    #[arg(long, value_name = "CHECK", default_value = "tcp")]
+    #[arg(long, conflicts_with = "config", value_name = "CHECK", default_value = "tcp")]
     pub health_check: HealthCheck,
 
     /// Time between two probes of one backend.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
     pub health_interval: Duration,
 
     /// Limit on one probe.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
     pub health_timeout: Duration,
 
     /// Consecutive successful probes that bring a down backend up.
-    #[arg(long, value_name = "N", default_value = "2", value_parser = config::parse_threshold)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "2", value_parser = config::parse_threshold)]
     pub rise: u32,
 
     /// Consecutive failures (probes or real connects) that take an up backend down.
-    #[arg(long, value_name = "N", default_value = "3", value_parser = config::parse_threshold)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "3", value_parser = config::parse_threshold)]
     pub fall: u32,
 
     /// Health probes start with the backend's PROXY header (HAProxy's check-send-proxy).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub health_send_proxy: bool,
 
     /// How backends are chosen.
-    #[arg(long, value_enum, default_value = "round-robin")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value = "round-robin")]
     pub strategy: StrategyKind,
 
     /// Send a PROXY protocol header (v1 or v2) to every backend before the
     /// client's bytes; `send-proxy=` on an upstream overrides it.
-    #[arg(long, value_name = "VERSION", value_parser = config::parse_proxy_version)]
+    #[arg(long, conflicts_with = "config", value_name = "VERSION", value_parser = config::parse_proxy_version)]
     pub send_proxy: Option<ProxyVersion>,
 
     /// Expect a PROXY protocol header (v1 or v2) from every client (a load
     /// balancer in front); connections without a valid one are closed.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub accept_proxy: bool,
 
     /// Re-resolve upstream host names this often (0 disables).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub dns_refresh: Duration,
 
     /// Log format.
@@ -140,8 +156,17 @@ pub enum LogFormat {
 }
 
 impl Cli {
-    /// Maps the flags onto a one-listener [`Config`].
+    /// The configuration: the file given with `--config`, or the flags as
+    /// one listener. Errors are one line per problem.
     pub fn into_config(self) -> Result<Config, String> {
+        if let Some(path) = &self.config {
+            return config::file::load(path).map_err(|p| p.to_string());
+        }
+        self.flags_config()
+    }
+
+    /// Maps the flags onto a one-listener [`Config`].
+    fn flags_config(self) -> Result<Config, String> {
         if self.health_interval.is_zero() {
             return Err("--health-interval must be more than 0".into());
         }

@@ -30,13 +30,22 @@ fn main() -> ExitCode {
         }
     };
     let format = cli.log_format;
+    let check = cli.check;
+    let config_path = cli.config.clone();
     let config = match cli.into_config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tcplb: error: {e}");
+        Err(problems) => {
+            for line in problems.lines() {
+                eprintln!("tcplb: error: {line}");
+            }
             return ExitCode::from(2);
         }
     };
+    if check {
+        let what = config_path.as_ref().map_or("flags".into(), |p| p.display().to_string());
+        println!("{what}: OK ({} listener(s))", config.listeners.len());
+        return ExitCode::SUCCESS;
+    }
     init_tracing(filter, format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -49,6 +58,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match tcplb::Server::bind(config).await {
             Ok(server) => {
+                tokio::spawn(tcplb::shutdown::reload_on_hangup(config_path, server.handle()));
                 server.run(tcplb::shutdown::signal()).await;
                 ExitCode::SUCCESS
             }

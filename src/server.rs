@@ -288,8 +288,25 @@ struct ListenerRuntime {
     service: Arc<Service>,
     /// Stops its accept loops and DNS task (child of the global stop).
     stop: CancellationToken,
-    /// Its sockets by configured address, each with its own stop token.
-    sockets: Vec<(SocketAddr, CancellationToken)>,
+    /// Its sockets, each with its own stop token.
+    sockets: Vec<BoundSocket>,
+}
+
+/// One running listen socket.
+struct BoundSocket {
+    /// The address as configured (port 0 possible).
+    configured: SocketAddr,
+    /// The address actually bound.
+    local: SocketAddr,
+    /// Stops its accept loop, which closes it.
+    stop: CancellationToken,
+}
+
+impl BoundSocket {
+    /// Whether a configured address `addr` names this socket.
+    fn is(&self, addr: SocketAddr) -> bool {
+        self.configured == addr || self.local == addr
+    }
 }
 
 /// The backends for a listener after resolution, and how they differ from before.
@@ -406,9 +423,10 @@ impl Runtime {
 
     fn start_socket(&self, lr: &mut ListenerRuntime, addr: SocketAddr, socket: TcpListener) {
         let token = lr.stop.child_token();
+        let local = socket.local_addr().unwrap_or(addr);
         let ctx = self.accept_context(token.clone());
         self.accepting.spawn(listener::accept_loop(socket, Arc::clone(&lr.service), ctx));
-        lr.sockets.push((addr, token));
+        lr.sockets.push(BoundSocket { configured: addr, local, stop: token });
     }
 
     /// Re-resolves the listener's host names every `dns_refresh`, reporting
@@ -518,8 +536,8 @@ impl Runtime {
             let assembled = assemble(lc, &resolved, &old_backends);
             let mut new_sockets = Vec::new();
             for &addr in &lc.listen {
-                let have = existing
-                    .is_some_and(|i| self.listeners[i].sockets.iter().any(|(a, _)| *a == addr));
+                let have =
+                    existing.is_some_and(|i| self.listeners[i].sockets.iter().any(|b| b.is(addr)));
                 if !have {
                     new_sockets.push((addr, bind(addr, lc)?));
                 }
@@ -545,10 +563,10 @@ impl Runtime {
                     lr.service.replace(Snapshot { config: p.config.clone(), pool });
                     self.commit_backends(&lr.service, &p.assembled.added, &p.assembled.removed);
                     // Close sockets whose address is gone; start the new ones.
-                    lr.sockets.retain(|(addr, token)| {
-                        let keep = p.config.listen.contains(addr);
+                    lr.sockets.retain(|b| {
+                        let keep = p.config.listen.iter().any(|&a| b.is(a));
                         if !keep {
-                            token.cancel();
+                            b.stop.cancel();
                         }
                         keep
                     });

@@ -21,6 +21,8 @@ pub struct Lb {
     pub addrs: Vec<SocketAddr>,
     /// The backends, for inspecting health and counters.
     pub backends: Vec<std::sync::Arc<tcplb::backend::Backend>>,
+    /// To reload and inspect the running server.
+    pub handle: tcplb::Handle,
     /// Send to start a graceful shutdown.
     stop: Option<oneshot::Sender<()>>,
     /// Finishes when the server has drained.
@@ -59,14 +61,26 @@ pub fn listener_on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig
 
 /// Starts tcplb with `config`.
 pub async fn start(config: Config) -> Lb {
-    let server = Server::bind(config).await.expect("bind tcplb");
+    start_server(Server::bind(config).await.expect("bind tcplb"))
+}
+
+/// Starts tcplb with `config` and a given resolver.
+pub async fn start_with(
+    config: Config,
+    resolver: std::sync::Arc<dyn tcplb::discovery::Resolve>,
+) -> Lb {
+    start_server(Server::bind_with(config, resolver).await.expect("bind tcplb"))
+}
+
+fn start_server(server: Server) -> Lb {
     let addrs = server.local_addrs();
     let backends = server.backends();
+    let handle = server.handle();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Lb { addr: addrs[0], addrs, backends, stop: Some(tx), task }
+    Lb { addr: addrs[0], addrs, backends, handle, stop: Some(tx), task }
 }
 
 /// Starts tcplb with one listener and defaults.

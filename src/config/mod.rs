@@ -4,8 +4,11 @@
 //! check specs) is parsed here into typed values with one-line errors that name
 //! the bad value. Defaults live here and nowhere else.
 
+pub mod file;
+
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -39,6 +42,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Global limit of concurrent client connections across all listeners.
     pub max_connections: usize,
+    /// The admin HTTP endpoint, when enabled.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin endpoint's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens (loopback in every example).
+    pub listen: SocketAddr,
+    /// File holding the bearer token for mutating endpoints.
+    pub token_file: Option<PathBuf>,
 }
 
 /// One service: where clients arrive and where they are sent.
@@ -106,6 +120,7 @@ impl Config {
             listeners: vec![listener],
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            admin: None,
         }
     }
 }
