@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -63,8 +63,60 @@ pub struct Backend {
     active: AtomicUsize,
     /// Client connections ever established.
     total: AtomicU64,
-    /// Connect attempts that failed.
-    connect_failures: AtomicU64,
+    /// Connect attempts that failed, by [`ConnectFailure`] reason.
+    connect_failures: [AtomicU64; ConnectFailure::ALL.len()],
+    /// Bytes from clients to this backend.
+    bytes_sent: AtomicU64,
+    /// Bytes from this backend to clients.
+    bytes_received: AtomicU64,
+    /// Active probes: [successes, failures].
+    probes: [AtomicU64; 2],
+    /// The last probe's result, for the status page (probe path only).
+    last_probe: Mutex<Option<ProbeResult>>,
+}
+
+/// Why a connect to a backend failed (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Connection refused.
+    Refused,
+    /// No answer within the connect timeout.
+    Timeout,
+    /// Connection reset (or closed before the PROXY header went out).
+    Reset,
+    /// Anything else (unreachable, no buffers, ...).
+    Other,
+}
+
+impl ConnectFailure {
+    /// Every reason, in index order.
+    pub const ALL: [ConnectFailure; 4] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Timeout,
+        ConnectFailure::Reset,
+        ConnectFailure::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Reset => "reset",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+/// One active probe's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// Whether it passed.
+    pub ok: bool,
+    /// What happened ("connect succeeded", "HTTP 503", "timeout after 1s").
+    pub detail: String,
+    /// When it finished.
+    pub at: std::time::SystemTime,
 }
 
 impl Backend {
@@ -93,7 +145,11 @@ impl Backend {
             retired: CancellationToken::new(),
             active: AtomicUsize::new(0),
             total: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
+            connect_failures: Default::default(),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            probes: Default::default(),
+            last_probe: Mutex::new(None),
         };
         b.apply(settings);
         b
@@ -183,13 +239,44 @@ impl Backend {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// Connect attempts here that failed.
+    /// Connect attempts here that failed, for every reason.
     pub fn connect_failures(&self) -> u64 {
-        self.connect_failures.load(Ordering::Relaxed)
+        self.connect_failures.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
-    pub(crate) fn record_connect_failure(&self) {
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    /// Connect attempts here that failed for `reason`.
+    pub fn connect_failures_for(&self, reason: ConnectFailure) -> u64 {
+        self.connect_failures[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_connect_failure(&self, reason: ConnectFailure) {
+        self.connect_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Byte counters: client→backend and backend→client, bumped as bytes move.
+    pub fn byte_counters(&self) -> (&AtomicU64, &AtomicU64) {
+        (&self.bytes_sent, &self.bytes_received)
+    }
+
+    /// Bytes (client→backend, backend→client) so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.bytes_sent.load(Ordering::Relaxed), self.bytes_received.load(Ordering::Relaxed))
+    }
+
+    /// Active probes (passed, failed) so far.
+    pub fn probes(&self) -> (u64, u64) {
+        (self.probes[0].load(Ordering::Relaxed), self.probes[1].load(Ordering::Relaxed))
+    }
+
+    /// The last probe's result.
+    pub fn last_probe(&self) -> Option<ProbeResult> {
+        self.last_probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn record_probe(&self, ok: bool, detail: &str) {
+        self.probes[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+        *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(ProbeResult { ok, detail: detail.to_string(), at: std::time::SystemTime::now() });
     }
 
     pub(crate) fn record_connected(&self) {

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    self, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion, StrategyKind,
-    Upstream,
+    self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion,
+    StrategyKind, Upstream,
 };
 
 const EXAMPLES: &str = "\
@@ -35,8 +35,19 @@ Signals: SIGTERM/SIGINT drain and exit; a second SIGINT exits at once.";
 /// upstream chosen round-robin among the healthy ones, retrying the next
 /// upstream when a connect fails.
 #[derive(Debug, Parser)]
-#[command(name = "tcplb", version, after_help = EXAMPLES, max_term_width = 100)]
+#[command(
+    name = "tcplb",
+    version,
+    after_help = EXAMPLES,
+    max_term_width = 100,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Not running the balancer: completions or the man page.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Read listeners and settings from this TOML file (SIGHUP reloads it);
     /// excludes the listener flags below.
     #[arg(long, value_name = "FILE")]
@@ -136,6 +147,20 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub dns_refresh: Duration,
 
+    /// Serve the admin endpoint (metrics, /readyz, /status, drain/enable) here;
+    /// keep it on loopback.
+    #[arg(long, conflicts_with = "config", value_name = "ADDR", value_parser = config::parse_listen)]
+    pub admin: Option<SocketAddr>,
+
+    /// File holding the bearer token that admin POSTs must present; required
+    /// for them when --admin is not on loopback.
+    #[arg(long, conflicts_with = "config", value_name = "FILE", requires = "admin")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// One access-log event per finished connection (info, target tcplb::access).
+    #[arg(long, conflicts_with = "config", value_enum, default_value = "on")]
+    pub access_log: Switch,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -144,6 +169,27 @@ pub struct Cli {
     /// When not given, RUST_LOG is used, then "info".
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// Subcommands that do not run the balancer.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Manpage,
 }
 
 /// How log lines are written.
@@ -196,9 +242,12 @@ impl Cli {
         listener.send_proxy = self.send_proxy;
         listener.accept_proxy = self.accept_proxy;
         listener.dns_refresh = (!self.dns_refresh.is_zero()).then_some(self.dns_refresh);
+        listener.access_log = self.access_log == Switch::On;
         let mut config = Config::single(listener);
         config.drain_timeout = self.drain_timeout;
         config.max_connections = self.max_connections;
+        config.admin =
+            self.admin.map(|listen| AdminConfig { listen, token_file: self.admin_token_file });
         Ok(config)
     }
 }

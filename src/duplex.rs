@@ -136,19 +136,25 @@ impl Activity {
 
 /// Copies bytes both ways until both directions end, one fails, a timeout
 /// fires or `cancel` is cancelled.
+///
+/// `totals` (client→backend, backend→client) are bumped as bytes move, so
+/// long-lived connections show up in metrics before they end.
+/// `client_done` says the client's FIN was already passed on to the backend.
 pub async fn splice(
     client: &TcpStream,
     backend: &TcpStream,
     timeouts: Timeouts,
     cancel: &CancellationToken,
+    totals: (&AtomicU64, &AtomicU64),
+    client_done: bool,
 ) -> Outcome {
     let activity = Activity::new();
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let up = pump(client, backend, &sent, &activity);
-    let down = pump(backend, client, &received, &activity);
+    let up = pump(client, backend, [&sent, totals.0], &activity);
+    let down = pump(backend, client, [&received, totals.1], &activity);
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
+    let (mut up_done, mut down_done) = (client_done, false);
 
     let (end, error) = loop {
         let half_closed = up_done || down_done;
@@ -203,7 +209,7 @@ pub fn reset_on_close(stream: &TcpStream) {
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
-    counter: &AtomicU64,
+    counters: [&AtomicU64; 2],
     activity: &Activity,
 ) -> Result<(), Fault> {
     let mut buf: Vec<u8> = Vec::new();
@@ -221,7 +227,9 @@ async fn pump(
         };
         activity.touch();
         write_all(to, &buf[..n]).await.map_err(Fault::Write)?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        for c in counters {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
         activity.touch();
         if n == buf.len() && buf.len() < MAX_BUFFER {
             buf = vec![0; buf.len() * 2];

@@ -228,6 +228,7 @@ impl Prober {
                     Err(why) => why.clone(),
                 };
                 debug!(listener = %self.service.name, backend = %self.backend.addr, ok, %reason, "health probe");
+                self.backend.record_probe(ok, &reason);
                 if let Some(t) = self.backend.health.observe(ok) {
                     log_transition(&self.service.name, &self.backend, t, &reason);
                 }

@@ -39,6 +39,15 @@ impl Status {
         }
     }
 
+    /// How the access log names a connection answered with this status.
+    pub fn end(self) -> &'static str {
+        match self {
+            Status::BadGateway => "answered 502",
+            Status::ServiceUnavailable => "answered 503",
+            Status::GatewayTimeout => "answered 504",
+        }
+    }
+
     fn reason(self) -> &'static str {
         match self {
             Status::BadGateway => "Bad Gateway",

@@ -11,6 +11,7 @@
 //! that selection reads; [`shutdown`] turns signals into a drain.
 //!
 //! Module map:
+//! - [`admin`]: the admin HTTP endpoint (hyper): metrics, readiness, status, drain.
 //! - [`cli`]: the command line (clap derive); no logic.
 //! - [`config`]: validated configuration, defaults, parsers of user input.
 //! - [`server`]: binds everything and runs it until shutdown ([`Server`]);
@@ -26,9 +27,11 @@
 //! - [`http`]: the HTTP peek and synthesized responses.
 //! - [`replay`]: the first exchange, held so an idempotent request can be replayed.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
+//! - [`metrics`]: Prometheus metrics read from the live atomics at scrape time.
 //! - [`shutdown`]: process signals.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
@@ -38,6 +41,7 @@ pub mod duplex;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod replay;

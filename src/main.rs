@@ -4,10 +4,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
-use tcplb::cli::{Cli, LogFormat};
+use tcplb::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -22,6 +22,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(command) = &cli.command {
+        return generate(command);
+    }
     let filter = match log_filter(cli.log_level.as_deref()) {
         Ok(f) => f,
         Err(e) => {
@@ -68,6 +71,28 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Prints completions or the man page, from the clap definition.
+fn generate(command: &Command) -> ExitCode {
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "tcplb", &mut out);
+        }
+        Command::Manpage => {
+            let written = clap_mangen::Man::new(cmd).render(&mut out);
+            if let Err(e) = written.and_then(|()| std::io::Write::flush(&mut out)) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+                eprintln!("tcplb: error: cannot write the man page: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Folds clap's multi-line error into one line, without the usage block.

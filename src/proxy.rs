@@ -5,15 +5,16 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::backend::{ActiveGuard, Backend, Candidates};
+use crate::backend::{ActiveGuard, Backend, Candidates, ConnectFailure};
 use crate::config::{HealthCheck, Protocol, PROXY_HEADER_TIMEOUT};
 use crate::duplex::{self, Timeouts};
 use crate::health::{describe_io, log_transition};
@@ -32,6 +33,17 @@ enum ConnectError {
 }
 
 impl ConnectError {
+    fn reason(&self) -> ConnectFailure {
+        match self {
+            ConnectError::Timeout => ConnectFailure::Timeout,
+            ConnectError::Io(e) => match e.kind() {
+                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ConnectFailure::Reset,
+                _ => ConnectFailure::Other,
+            },
+        }
+    }
+
     fn describe(&self, timeout: Duration) -> String {
         match self {
             ConnectError::Timeout => {
@@ -61,7 +73,27 @@ struct Upstream {
     _slot: ActiveGuard,
 }
 
-/// Serves one client connection to its end.
+/// How a connection ended, for the access log.
+struct Finish {
+    /// The backend it ended on, if any.
+    backend: Option<SocketAddr>,
+    /// Client → backend bytes.
+    sent: u64,
+    /// Backend → client bytes.
+    received: u64,
+    /// Why it ended.
+    end: &'static str,
+    /// The socket error, if any.
+    error: Option<io::Error>,
+}
+
+impl Finish {
+    fn early(end: &'static str) -> Self {
+        Finish { backend: None, sent: 0, received: 0, end, error: None }
+    }
+}
+
+/// Serves one client connection to its end, then writes its access-log event.
 pub async fn serve(
     svc: Arc<Service>,
     client: TcpStream,
@@ -70,46 +102,96 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let snap = svc.snapshot();
+    let mut ends = Endpoints { client: peer, destination: client.local_addr().unwrap_or(peer) };
+    let finish = run(&svc, &snap, &client, &mut ends, started, &cancel).await;
+    let duration = started.elapsed();
+    svc.stats.connection_duration.observe(duration);
+    let backend = finish.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+    let error = finish.error.as_ref().map(tracing::field::display);
+    if snap.config.access_log {
+        info!(
+            target: "tcplb::access",
+            listener = %svc.name,
+            client = %ends.client,
+            %backend,
+            sent = finish.sent,
+            received = finish.received,
+            duration_ms = duration.as_millis() as u64,
+            end = finish.end,
+            error,
+            "connection"
+        );
+    } else {
+        debug!(
+            listener = %svc.name,
+            client = %ends.client,
+            %backend,
+            sent = finish.sent,
+            received = finish.received,
+            duration_ms = duration.as_millis() as u64,
+            end = finish.end,
+            error,
+            "connection"
+        );
+    }
+}
+
+async fn run(
+    svc: &Arc<Service>,
+    snap: &Snapshot,
+    client: &TcpStream,
+    ends: &mut Endpoints,
+    started: Instant,
+    cancel: &CancellationToken,
+) -> Finish {
     let cfg = &snap.config;
-    let local = client.local_addr().unwrap_or(peer);
-    let mut ends = Endpoints { client: peer, destination: local };
     if cfg.accept_proxy {
         let header = tokio::select! {
-            h = proxy_protocol::read_header(&client, Instant::now() + PROXY_HEADER_TIMEOUT) => h,
-            _ = cancel.cancelled() => return,
+            h = proxy_protocol::read_header(client, Instant::now() + PROXY_HEADER_TIMEOUT) => h,
+            _ = cancel.cancelled() => return Finish::early("shutdown"),
         };
         match header {
             Ok(h) => {
-                ends.client = h.source.unwrap_or(peer);
-                ends.destination = h.destination.unwrap_or(local);
+                ends.client = h.source.unwrap_or(ends.client);
+                ends.destination = h.destination.unwrap_or(ends.destination);
             }
             Err(e) => {
-                warn!(listener = %svc.name, client = %peer, error = %e, "closing connection: bad PROXY header");
-                return;
+                warn!(listener = %svc.name, client = %ends.client, error = %e, "closing connection: bad PROXY header");
+                return Finish { error: Some(e), ..Finish::early("bad PROXY header") };
             }
         }
     }
+    let ends = *ends;
 
     let mut candidates = snap.pool.candidates(ends.client, cfg.connect_attempts);
     svc.note_panic(candidates.is_panic());
     let connected = tokio::select! {
-        r = connect(&svc, &snap, &mut candidates, ends) => r,
-        _ = cancel.cancelled() => return,
+        r = connect(svc, snap, &mut candidates, ends) => r,
+        _ = cancel.cancelled() => return Finish::early("shutdown"),
     };
     let mut up = match connected {
         Ok(up) => up,
-        Err(status) => return fail(&svc, &snap, &client, ends.client, status, &cancel).await,
+        Err(status) => {
+            let answered = fail(svc, snap, client, ends.client, status, cancel).await;
+            return Finish::early(if answered { status.end() } else { "no backend" });
+        }
     };
+    svc.stats.connect_duration.observe(started.elapsed());
     let (mut sent, mut received) = (0, 0);
+    let mut client_done = false;
 
     let timeouts = Timeouts { idle: cfg.idle_timeout, half_close: cfg.half_close_timeout };
     if cfg.protocol != Protocol::Tcp {
         let mut held = Held::new();
         loop {
-            let fx =
-                replay::first_exchange(&client, &up.stream, &mut held, timeouts, &cancel).await;
+            let fx = replay::first_exchange(client, &up.stream, &mut held, timeouts, cancel).await;
+            let (bs, br) = up.backend.byte_counters();
+            bs.fetch_add(fx.sent, Ordering::Relaxed);
+            br.fetch_add(fx.received, Ordering::Relaxed);
             sent += fx.sent;
             received += fx.received;
+            let at = Some(up.backend.addr);
+            client_done = held.client_done;
             match fx.result {
                 First::Answered => break,
                 First::ClosedEarly(error) => {
@@ -122,21 +204,31 @@ pub async fn serve(
                     }
                     // The backend may have closed before the client said anything:
                     // read enough of the request to judge it.
-                    let extra =
-                        held.complete_from(&client, Instant::now() + cfg.peek_timeout).await;
+                    let extra = held.complete_from(client, Instant::now() + cfg.peek_timeout).await;
+                    client_done = held.client_done;
                     if !held.is_http() {
                         // Not ours to judge: forward what was read, splice on, and
                         // the end of stream propagates.
                         let _ = duplex::write_all(&up.stream, &extra).await;
+                        if client_done {
+                            let _ = socket2::SockRef::from(&up.stream)
+                                .shutdown(std::net::Shutdown::Write);
+                        }
                         break;
                     }
                     if !held.replayable() {
-                        let _ = http::respond(&client, Status::BadGateway, false).await;
-                        return;
+                        respond(svc, client, Status::BadGateway).await;
+                        return Finish {
+                            backend: at,
+                            sent,
+                            received,
+                            end: "502 after early close",
+                            error,
+                        };
                     }
                     let next = tokio::select! {
-                        r = connect(&svc, &snap, &mut candidates, ends) => r,
-                        _ = cancel.cancelled() => return,
+                        r = connect(svc, snap, &mut candidates, ends) => r,
+                        _ = cancel.cancelled() => return Finish { backend: at, sent, received, ..Finish::early("shutdown") },
                     };
                     match next {
                         Ok(next) => {
@@ -151,36 +243,68 @@ pub async fn serve(
                             up = next;
                         }
                         Err(status) => {
-                            let _ = http::respond(&client, status, false).await;
-                            return;
+                            respond(svc, client, status).await;
+                            return Finish {
+                                backend: at,
+                                sent,
+                                received,
+                                ..Finish::early(status.end())
+                            };
                         }
                     }
                 }
-                First::BackendError(_) => {
-                    duplex::reset_on_close(&client);
-                    return;
+                First::BackendError(e) => {
+                    duplex::reset_on_close(client);
+                    return Finish {
+                        backend: at,
+                        sent,
+                        received,
+                        end: "backend error",
+                        error: Some(e),
+                    };
                 }
-                First::ClientError(_) => {
+                First::ClientError(e) => {
                     duplex::reset_on_close(&up.stream);
-                    return;
+                    return Finish {
+                        backend: at,
+                        sent,
+                        received,
+                        end: "client error",
+                        error: Some(e),
+                    };
                 }
-                First::IdleTimeout | First::Shutdown => return,
+                First::IdleTimeout => {
+                    return Finish { backend: at, sent, received, ..Finish::early("idle timeout") }
+                }
+                First::Shutdown => {
+                    return Finish { backend: at, sent, received, ..Finish::early("shutdown") }
+                }
             }
         }
     }
 
-    let outcome = duplex::splice(&client, &up.stream, timeouts, &cancel).await;
-    debug!(
-        listener = %svc.name,
-        client = %ends.client,
-        backend = %up.backend.addr,
-        sent = sent + outcome.sent,
-        received = received + outcome.received,
-        duration_ms = started.elapsed().as_millis() as u64,
-        end = outcome.end.as_str(),
-        error = outcome.error.as_ref().map(tracing::field::display),
-        "connection closed"
-    );
+    let outcome = duplex::splice(
+        client,
+        &up.stream,
+        timeouts,
+        cancel,
+        up.backend.byte_counters(),
+        client_done,
+    )
+    .await;
+    Finish {
+        backend: Some(up.backend.addr),
+        sent: sent + outcome.sent,
+        received: received + outcome.received,
+        end: outcome.end.as_str(),
+        error: outcome.error,
+    }
+}
+
+/// Sends a synthesized response and counts it.
+async fn respond(svc: &Service, client: &TcpStream, status: Status) {
+    svc.stats.record_synthesized(status);
+    let _ = http::respond(client, status, false).await;
 }
 
 /// Tries the next candidates until one accepts (and takes its PROXY header);
@@ -221,7 +345,7 @@ async fn connect(
             Err(e) => {
                 let reason = e.describe(timeout);
                 warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, "backend connect failed");
-                backend.record_connect_failure();
+                backend.record_connect_failure(e.reason());
                 if let Some(t) = backend.health.observe(false) {
                     log_transition(&svc.name, backend, t, &reason);
                 }
@@ -255,11 +379,11 @@ async fn fail(
     peer: SocketAddr,
     status: Status,
     cancel: &CancellationToken,
-) {
+) -> bool {
     debug!(listener = %svc.name, client = %peer, status = status.code(), "no backend reachable");
     let protocol = snap.config.protocol;
     if protocol == Protocol::Tcp {
-        return;
+        return false;
     }
     let deadline = Instant::now() + snap.config.peek_timeout;
     let answer = async {
@@ -268,14 +392,16 @@ async fn fail(
         let head = match http::sniff_client(client, &[], deadline).await {
             Sniff::Http { head } => head,
             Sniff::NeedMore if protocol == Protocol::Http => false,
-            _ => return,
+            _ => return false,
         };
+        svc.stats.record_synthesized(status);
         if let Err(e) = http::respond(client, status, head).await {
             debug!(listener = %svc.name, client = %peer, error = %e, "could not send HTTP error");
         }
+        true
     };
     tokio::select! {
-        _ = answer => {}
-        _ = cancel.cancelled() => {}
+        answered = answer => answered,
+        _ = cancel.cancelled() => false,
     }
 }

@@ -45,6 +45,9 @@ pub enum Error {
         /// The socket error.
         source: io::Error,
     },
+    /// A file the configuration names is unusable.
+    #[error("{0}")]
+    Config(String),
     /// The server is no longer running.
     #[error("tcplb is shutting down")]
     Stopped,
@@ -53,7 +56,7 @@ pub enum Error {
 impl Error {
     /// Whether the error is the user's input (exit 2) rather than the environment (exit 1).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Error::Resolve(_))
+        matches!(self, Error::Resolve(_) | Error::Config(_))
     }
 }
 
@@ -70,13 +73,19 @@ fn describe_bind(e: &io::Error) -> String {
     }
 }
 
-/// What the admin endpoint and tests may see of a running server.
+/// What the admin endpoint, metrics and tests may see of a running server.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub struct Live {
     /// The listeners, in configuration order.
     services: ArcSwap<Vec<Arc<Service>>>,
     /// Set when shutdown begins.
     draining: AtomicBool,
+}
+
+impl crate::metrics::Source for Arc<Live> {
+    fn services(&self) -> Arc<Vec<Arc<Service>>> {
+        self.services.load_full()
+    }
 }
 
 /// Requests to the control loop.
@@ -100,7 +109,7 @@ pub struct Handle {
     /// To the control loop.
     control: mpsc::Sender<Control>,
     /// The live listeners.
-    registry: Arc<Registry>,
+    registry: Arc<Live>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -152,7 +161,9 @@ pub struct Server {
     /// Control loop side.
     control_rx: mpsc::Receiver<Control>,
     /// Shared view for handles.
-    registry: Arc<Registry>,
+    registry: Arc<Live>,
+    /// The admin endpoint's socket and bearer token, when enabled.
+    admin: Option<(TcpListener, Option<String>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -182,10 +193,22 @@ impl Server {
             let pool = Pool::new(assembled.backends, lc.strategy);
             listeners.push((Arc::new(Service::new(lc.clone(), pool)), sockets));
         }
-        let registry = Arc::new(Registry::default());
+        let admin = match &config.admin {
+            Some(a) => {
+                let token = match &a.token_file {
+                    Some(path) => Some(read_token(path)?),
+                    None => None,
+                };
+                let socket = listener::bind(a.listen, 128)
+                    .map_err(|source| Error::Bind { addr: a.listen, source })?;
+                Some((socket, token))
+            }
+            None => None,
+        };
+        let registry = Arc::new(Live::default());
         registry.services.store(Arc::new(listeners.iter().map(|(s, _)| Arc::clone(s)).collect()));
         let (control_tx, control_rx) = mpsc::channel(16);
-        Ok(Server { config, resolver, listeners, control_tx, control_rx, registry })
+        Ok(Server { config, resolver, listeners, control_tx, control_rx, registry, admin })
     }
 
     /// The bound addresses, in the order given (real ports when 0 was asked).
@@ -201,6 +224,11 @@ impl Server {
         self.listeners.iter().flat_map(|(s, _)| s.backends()).collect()
     }
 
+    /// The admin endpoint's bound address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// A handle to reload and inspect the server while it runs.
     pub fn handle(&self) -> Handle {
         Handle { control: self.control_tx.clone(), registry: Arc::clone(&self.registry) }
@@ -209,7 +237,9 @@ impl Server {
     /// Accepts until `shutdown` resolves, then closes the listeners, lets
     /// connections finish for up to the drain timeout, closes the rest and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { config, resolver, listeners, control_tx, mut control_rx, registry } = self;
+        let handle = self.handle();
+        let Server { config, resolver, listeners, control_tx, mut control_rx, registry, admin } =
+            self;
         let mut rt = Runtime {
             resolver,
             registry,
@@ -226,6 +256,14 @@ impl Server {
         for (svc, sockets) in listeners {
             let lr = rt.start_listener(svc, sockets);
             rt.listeners.push(lr);
+        }
+        if let Some((socket, token)) = admin {
+            let addr =
+                socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+            info!(%addr, "admin endpoint listening");
+            let metrics = crate::metrics::registry(Arc::clone(&rt.registry));
+            let admin = Arc::new(crate::admin::Admin::new(handle, metrics, token, addr));
+            tokio::spawn(crate::admin::serve(socket, admin, rt.kill.clone()));
         }
 
         tokio::pin!(shutdown);
@@ -251,6 +289,18 @@ impl Server {
     }
 }
 
+/// Reads the admin bearer token (surrounding white space trimmed).
+fn read_token(path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!("cannot read admin token file {}: {e}", path.display()))
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::Config(format!("admin token file {} is empty", path.display())));
+    }
+    Ok(token)
+}
+
 /// Binds one listen address for `lc`.
 fn bind(addr: SocketAddr, lc: &ListenerConfig) -> Result<TcpListener, Error> {
     listener::bind(addr, lc.backlog).map_err(|source| Error::Bind { addr, source })
@@ -261,7 +311,7 @@ struct Runtime {
     /// Resolves upstream names.
     resolver: Arc<dyn Resolve>,
     /// What handles see.
-    registry: Arc<Registry>,
+    registry: Arc<Live>,
     /// For DNS tasks to report back.
     control: mpsc::Sender<Control>,
     /// Global connection limit.
@@ -427,6 +477,7 @@ impl Runtime {
         let ctx = self.accept_context(token.clone());
         self.accepting.spawn(listener::accept_loop(socket, Arc::clone(&lr.service), ctx));
         lr.sockets.push(BoundSocket { configured: addr, local, stop: token });
+        lr.service.set_bound(lr.sockets.iter().map(|b| b.local).collect());
     }
 
     /// Re-resolves the listener's host names every `dns_refresh`, reporting
@@ -570,6 +621,7 @@ impl Runtime {
                         }
                         keep
                     });
+                    lr.service.set_bound(lr.sockets.iter().map(|b| b.local).collect());
                     for (addr, socket) in p.new_sockets {
                         self.start_socket(&mut lr, addr, socket);
                     }

@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, Pool};
 use crate::config::ListenerConfig;
+use crate::metrics::ListenerStats;
 
 /// Settings and pool at one point in time.
 #[derive(Debug)]
@@ -31,6 +32,10 @@ pub struct Service {
     /// Whether the last selection found nothing available (panic mode), so
     /// that entering and leaving it is logged once, not per connection.
     panic: AtomicBool,
+    /// Counters and histograms that are per listener, not per backend.
+    pub stats: ListenerStats,
+    /// The addresses its sockets are bound to now.
+    bound: Mutex<Vec<SocketAddr>>,
 }
 
 impl Service {
@@ -40,6 +45,8 @@ impl Service {
             name: config.name.as_str().into(),
             current: ArcSwap::from_pointee(Snapshot { config, pool }),
             panic: AtomicBool::new(false),
+            stats: ListenerStats::default(),
+            bound: Mutex::new(Vec::new()),
         }
     }
 
@@ -61,6 +68,15 @@ impl Service {
     /// The current backend with address `addr`.
     pub fn backend(&self, addr: SocketAddr) -> Option<Arc<Backend>> {
         self.current.load().pool.backends().iter().find(|b| b.addr == addr).cloned()
+    }
+
+    /// The addresses its sockets are bound to now.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_bound(&self, addrs: Vec<SocketAddr>) {
+        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
     }
 
     /// Logs entering and leaving panic mode, once each.

@@ -89,6 +89,7 @@ struct RawListener {
     dns_refresh: Option<Spanned<String>>,
     send_proxy: Option<Spanned<String>>,
     accept_proxy: Option<bool>,
+    access_log: Option<bool>,
     backlog: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
 }
@@ -405,6 +406,9 @@ impl Validator<'_> {
         }
         if let Some(a) = r.accept_proxy {
             lc.accept_proxy = a;
+        }
+        if let Some(a) = r.access_log {
+            lc.access_log = a;
         }
         if let Some(n) = &r.backlog {
             if let Some(n) = self.count(n, "backlog", 1, 65535) {

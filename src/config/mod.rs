@@ -88,6 +88,8 @@ pub struct ListenerConfig {
     pub accept_proxy: bool,
     /// Re-resolve upstream host names this often (None: never).
     pub dns_refresh: Option<Duration>,
+    /// Write one access-log event (info, target `tcplb::access`) per connection.
+    pub access_log: bool,
 }
 
 impl ListenerConfig {
@@ -109,6 +111,7 @@ impl ListenerConfig {
             send_proxy: None,
             accept_proxy: false,
             dns_refresh: Some(DEFAULT_DNS_REFRESH),
+            access_log: true,
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Lb {
     pub backends: Vec<std::sync::Arc<tcplb::backend::Backend>>,
     /// To reload and inspect the running server.
     pub handle: tcplb::Handle,
+    /// The admin endpoint, when configured.
+    pub admin: Option<SocketAddr>,
     /// Send to start a graceful shutdown.
     stop: Option<oneshot::Sender<()>>,
     /// Finishes when the server has drained.
@@ -76,11 +78,12 @@ fn start_server(server: Server) -> Lb {
     let addrs = server.local_addrs();
     let backends = server.backends();
     let handle = server.handle();
+    let admin = server.admin_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Lb { addr: addrs[0], addrs, backends, handle, stop: Some(tx), task }
+    Lb { addr: addrs[0], addrs, backends, handle, admin, stop: Some(tx), task }
 }
 
 /// Starts tcplb with one listener and defaults.
@@ -197,4 +200,25 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cond()
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect to admin");
+    let req = format!("{method} {target} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{headers}Content-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("admin answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

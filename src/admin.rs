@@ -1,0 +1,279 @@
+//! The admin HTTP endpoint (hyper): metrics, liveness and readiness, status,
+//! and draining backends for rolling deploys.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when every listener has a backend up; 503 while draining |
+//! | `GET /status` | JSON: listeners and backends |
+//! | `POST /backends/drain?listener=L&backend=ADDR` | take a backend out of rotation |
+//! | `POST /backends/enable?listener=L&backend=ADDR` | put it back |
+//!
+//! POSTs need `Authorization: Bearer TOKEN` when a token file is configured,
+//! and are refused outright when the endpoint is bound off loopback without one.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::Backend;
+use crate::server::Handle;
+
+/// What the admin endpoint serves from.
+pub struct Admin {
+    /// The running server.
+    handle: Handle,
+    /// Metrics registry (tcplb's collector).
+    registry: Registry,
+    /// Bearer token for POSTs, if configured.
+    token: Option<String>,
+    /// Bound off loopback: POSTs need the token.
+    exposed: bool,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("exposed", &self.exposed).finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// An admin endpoint for `handle`, bound at `addr`.
+    pub fn new(
+        handle: Handle,
+        registry: Registry,
+        token: Option<String>,
+        addr: SocketAddr,
+    ) -> Self {
+        let exposed = !addr.ip().is_loopback();
+        if exposed {
+            warn!(%addr, "admin endpoint is bound off loopback: keep it off untrusted networks");
+            if token.is_none() {
+                warn!("no admin token file: mutating admin endpoints are disabled");
+            }
+        }
+        Admin { handle, registry, token, exposed }
+    }
+
+    /// Answers one request (pure routing, no I/O): status, content type, body.
+    pub fn route(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        authorization: Option<&str>,
+    ) -> (StatusCode, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        const JSON: &str = "application/json";
+        match (method, path) {
+            (&Method::GET, "/metrics") => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                crate::metrics::encode(&self.registry),
+            ),
+            (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".into()),
+            (&Method::GET, "/readyz") => {
+                let (ready, why) = self.readiness();
+                let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (code, TEXT, format!("{why}\n"))
+            }
+            (&Method::GET, "/status") => (StatusCode::OK, JSON, self.status().to_string()),
+            (&Method::POST, "/backends/drain") | (&Method::POST, "/backends/enable") => {
+                if let Err((code, why)) = self.authorize(authorization) {
+                    return (code, TEXT, format!("{why}\n"));
+                }
+                let drain = path.ends_with("drain");
+                match self.set_draining(query, drain) {
+                    Ok(body) => (StatusCode::OK, JSON, body.to_string()),
+                    Err((code, why)) => (code, TEXT, format!("{why}\n")),
+                }
+            }
+            (
+                _,
+                "/metrics" | "/healthz" | "/readyz" | "/status" | "/backends/drain"
+                | "/backends/enable",
+            ) => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+        }
+    }
+
+    fn readiness(&self) -> (bool, String) {
+        if self.handle.is_draining() {
+            return (false, "draining".into());
+        }
+        for s in self.handle.services().iter() {
+            if !s.backends().iter().any(|b| b.health.is_up() && !b.is_draining()) {
+                return (false, format!("listener '{}' has no backend up", s.name));
+            }
+        }
+        (true, "ready".into())
+    }
+
+    fn authorize(&self, authorization: Option<&str>) -> Result<(), (StatusCode, String)> {
+        match &self.token {
+            Some(token) => {
+                let given = authorization.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+                if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+                    Ok(())
+                } else {
+                    Err((
+                        StatusCode::UNAUTHORIZED,
+                        "a valid 'Authorization: Bearer TOKEN' is required".into(),
+                    ))
+                }
+            }
+            None if self.exposed => Err((
+                StatusCode::FORBIDDEN,
+                "mutating endpoints are disabled off loopback without --admin-token-file".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn set_draining(
+        &self,
+        query: Option<&str>,
+        drain: bool,
+    ) -> Result<serde_json::Value, (StatusCode, String)> {
+        let params: Vec<(String, String)> =
+            form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+        let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let (Some(listener), Some(backend)) = (get("listener"), get("backend")) else {
+            return Err((StatusCode::BAD_REQUEST, "need ?listener=NAME&backend=ADDR".into()));
+        };
+        let addr: SocketAddr = backend.parse().map_err(|_| {
+            (StatusCode::BAD_REQUEST, format!("backend '{backend}' is not an IP:PORT address"))
+        })?;
+        let svc = self
+            .handle
+            .service(listener)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no listener '{listener}'")))?;
+        let b = svc.backend(addr).ok_or_else(|| {
+            (StatusCode::NOT_FOUND, format!("no backend {addr} in listener '{listener}'"))
+        })?;
+        b.set_draining(drain);
+        info!(listener, backend = %addr, draining = drain, "admin: backend {}", if drain { "drained" } else { "enabled" });
+        Ok(
+            json!({ "listener": listener, "backend": addr.to_string(), "state": state(&b), "active": b.active() }),
+        )
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let listeners: Vec<_> = self
+            .handle
+            .services()
+            .iter()
+            .map(|s| {
+                let snap = s.snapshot();
+                json!({
+                    "name": &*s.name,
+                    "listen": s.bound().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "strategy": snap.config.strategy.as_str(),
+                    "protocol": format!("{:?}", snap.config.protocol).to_lowercase(),
+                    "backends": snap.pool.backends().iter().map(|b| backend_json(b)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({ "draining": self.handle.is_draining(), "listeners": listeners })
+    }
+}
+
+fn state(b: &Backend) -> &'static str {
+    if b.is_draining() {
+        "draining"
+    } else if b.health.is_up() {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+fn backend_json(b: &Backend) -> serde_json::Value {
+    let (sent, received) = b.bytes();
+    let s = b.settings();
+    let last_check = b.last_probe().map(|p| {
+        json!({
+            "ok": p.ok,
+            "detail": p.detail,
+            "at_unix_ms": p.at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        })
+    });
+    json!({
+        "address": b.addr.to_string(),
+        "upstream": &*b.upstream,
+        "state": state(b),
+        "weight": s.weight,
+        "backup": s.backup,
+        "max_connections": (s.max_connections > 0).then_some(s.max_connections),
+        "active": b.active(),
+        "total": b.total(),
+        "connect_failures": b.connect_failures(),
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "last_check": last_check,
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the admin endpoint on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let admin = Arc::clone(&admin);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(answer(&admin, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection failed") },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn answer(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let auth = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let (code, content_type, body) =
+        admin.route(req.method(), req.uri().path(), req.uri().query(), auth);
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,128 @@
+//! Access log events (JSON for log shippers), `--access-log off`, and the
+//! generated completions and man page, through the binary.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts tcplb with JSON logs; returns it, its listen address and its log lines.
+fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::Value>) {
+    let mut child = Proc(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
+            let _ = tx.send(v);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap();
+        if v["message"] == "tcplb listening" {
+            let listen =
+                v["listen"].as_str().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
+            return (child, listen, rx);
+        }
+    }
+}
+
+fn echo_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+fn one_exchange(addr: &str) -> std::net::SocketAddr {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let me = c.local_addr().unwrap();
+    c.write_all(b"hello").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"hello");
+    me
+}
+
+#[test]
+fn one_json_access_event_per_connection() {
+    let backend = echo_server();
+    let (_p, addr, logs) = start(&backend, &[]);
+    let me = one_exchange(&addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        let v = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("access event");
+        if v["target"] == "tcplb::access" {
+            break v;
+        }
+    };
+    assert_eq!(event["level"], "INFO");
+    assert_eq!(event["listener"], "default");
+    assert_eq!(event["client"], me.to_string());
+    assert_eq!(event["backend"], backend);
+    assert_eq!(event["sent"], 5);
+    assert_eq!(event["received"], 5);
+    assert_eq!(event["end"], "client closed");
+    assert!(event["duration_ms"].is_u64());
+}
+
+#[test]
+fn access_log_off() {
+    let backend = echo_server();
+    let (_p, addr, logs) = start(&backend, &["--access-log", "off"]);
+    one_exchange(&addr);
+    one_exchange(&addr);
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(v) = logs.try_recv() {
+        assert_ne!(v["target"], "tcplb::access", "{v}");
+    }
+}
+
+#[test]
+fn completions_and_man_page() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("upstream") && text.contains("connect-timeout"), "{shell}");
+    }
+    let out = Command::new(BIN).arg("manpage").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(man.contains(".TH tcplb 1") && man.contains("upstream"));
+    let out = Command::new(BIN).args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

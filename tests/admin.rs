@@ -1,0 +1,293 @@
+//! The admin endpoint: metrics that move exactly with traffic (parsed with a
+//! real Prometheus text parser), readiness during drain, status JSON, and
+//! drain/enable for rolling deploys.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tcplb::config::{AdminConfig, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(5);
+
+/// Scraped samples: (metric name, sorted labels) → value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+fn with_admin(l: tcplb::config::ListenerConfig) -> Config {
+    let mut c = Config::single(l);
+    c.admin = Some(AdminConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: None });
+    c
+}
+
+/// Scrapes /metrics: (name, sorted labels) → value.
+async fn scrape(admin: SocketAddr) -> Samples {
+    let (code, body) = http_request(admin, "GET", "/metrics", "").await;
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let mut out = HashMap::new();
+    for s in scrape.samples {
+        let mut labels: Vec<(String, String)> =
+            s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        labels.sort();
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert((s.metric, labels), v);
+    }
+    out
+}
+
+fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut l: Vec<(String, String)> =
+        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    l.sort();
+    *m.get(&(name.to_string(), l.clone())).unwrap_or_else(|| {
+        panic!("no {name} {l:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_exactly_with_the_traffic() {
+    let (echo, _) = echo_backend().await;
+    let dead = dead_addr().await;
+    let lb = start(with_admin(listener(&[echo, dead]))).await;
+    let admin = lb.admin.unwrap();
+    let (e, d) = (echo.to_string(), dead.to_string());
+
+    // Four echoes of 1000 bytes: round-robin tries the dead one twice (refused, then retried).
+    for i in 0..4 {
+        let got = echo_through(lb.addr, random_bytes(1000, i)).await;
+        assert_eq!(got.len(), 1000);
+    }
+    let svc = lb.handle.service("test").unwrap();
+    let b = svc.backend(echo).unwrap();
+    assert!(eventually(T, || b.active() == 0).await);
+
+    let m = scrape(admin).await;
+    let eb = [("listener", "test"), ("backend", e.as_str())];
+    assert_eq!(get(&m, "tcplb_connections_total", &eb), 4.0);
+    assert_eq!(get(&m, "tcplb_connections_active", &eb), 0.0);
+    assert_eq!(get(&m, "tcplb_bytes_total", &[eb[0], eb[1], ("direction", "up")]), 4000.0);
+    assert_eq!(get(&m, "tcplb_bytes_total", &[eb[0], eb[1], ("direction", "down")]), 4000.0);
+    let db = [("listener", "test"), ("backend", d.as_str())];
+    let refused = get(&m, "tcplb_connect_errors_total", &[db[0], db[1], ("reason", "refused")]);
+    assert!(refused >= 1.0, "{refused}");
+    assert_eq!(get(&m, "tcplb_connect_errors_total", &[db[0], db[1], ("reason", "timeout")]), 0.0);
+    assert_eq!(get(&m, "tcplb_backend_up", &eb), 1.0);
+    assert_eq!(get(&m, "tcplb_connect_duration_seconds_count", &[("listener", "test")]), 4.0);
+    assert_eq!(get(&m, "tcplb_connection_duration_seconds_count", &[("listener", "test")]), 4.0);
+    assert_eq!(
+        get(&m, "tcplb_synthesized_responses_total", &[("listener", "test"), ("status", "502")]),
+        0.0
+    );
+    assert!(m.contains_key(&("tcplb_accept_errors_total".to_string(), vec![])));
+
+    // A held connection shows as active; an HTTP client with every backend dead gets a counted 502.
+    let mut held = TcpStream::connect(lb.addr).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).await.unwrap();
+    let m = scrape(admin).await;
+    assert_eq!(get(&m, "tcplb_connections_active", &eb), 1.0);
+    drop(held);
+
+    b.set_draining(true);
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert!(out.starts_with(b"HTTP/1.1 502"), "{}", String::from_utf8_lossy(&out));
+    let m = scrape(admin).await;
+    assert_eq!(
+        get(&m, "tcplb_synthesized_responses_total", &[("listener", "test"), ("status", "502")]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_flips_to_503_on_shutdown_while_a_connection_drains() {
+    let (echo, _) = echo_backend().await;
+    let mut config = with_admin(listener(&[echo]));
+    config.drain_timeout = Duration::from_secs(20);
+    let mut lb = start(config).await;
+    let admin = lb.admin.unwrap();
+    assert_eq!(http_request(admin, "GET", "/healthz", "").await.0, 200);
+    assert_eq!(http_request(admin, "GET", "/readyz", "").await, (200, "ready\n".into()));
+
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    lb.shutdown();
+    let admin_ok = async {
+        loop {
+            if http_request(admin, "GET", "/readyz", "").await == (503, "draining\n".into()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(T, admin_ok).await.expect("/readyz must answer 503 while draining");
+    assert_eq!(http_request(admin, "GET", "/healthz", "").await.0, 200, "still alive");
+    s.write_all(b"b").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b", "the draining connection still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_when_a_listener_has_no_backend_up() {
+    let (a, _) = tag_backend("A").await;
+    let lb = start(with_admin(listener(&[a]))).await;
+    lb.backends[0].health.set_up(false);
+    let (code, body) = http_request(lb.admin.unwrap(), "GET", "/readyz", "").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("no backend up"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_enable_change_where_new_connections_go_and_keep_established_ones() {
+    let (echo, _) = echo_backend().await;
+    let (b, _) = tag_backend("B").await;
+    let lb = start(with_admin(listener(&[echo, b]))).await;
+    let admin = lb.admin.unwrap();
+    let mut long = TcpStream::connect(lb.addr).await.unwrap();
+    long.write_all(b"1").await.unwrap();
+    let mut one = [0u8; 1];
+    long.read_exact(&mut one).await.unwrap();
+
+    let q = format!("/backends/drain?listener=test&backend={echo}");
+    let (code, body) = http_request(admin, "POST", &q, "").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "draining");
+    assert_eq!(v["active"], 1);
+    for _ in 0..4 {
+        assert_eq!(read_all_from(lb.addr).await, b"B", "a drained backend gets no new connection");
+    }
+    long.write_all(b"2").await.unwrap();
+    long.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"2", "its established connection is intact");
+
+    let q = format!("/backends/enable?listener=test&backend={echo}");
+    assert_eq!(http_request(admin, "POST", &q, "").await.0, 200);
+    let mut saw_echo = false;
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"e").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        saw_echo |= out == b"e";
+    }
+    assert!(saw_echo, "enabled again");
+
+    // Errors name the problem.
+    assert_eq!(
+        http_request(admin, "POST", "/backends/drain?listener=nope&backend=127.0.0.1:1", "")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        http_request(admin, "POST", "/backends/drain?listener=test&backend=bad", "").await.0,
+        400
+    );
+    assert_eq!(http_request(admin, "GET", "/backends/drain", "").await.0, 405);
+    assert_eq!(http_request(admin, "GET", "/nothing", "").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_json_with_listeners_and_backends() {
+    let (a, _) = tag_backend("A").await;
+    let mut l = listener(&[a]);
+    l.health = tcplb::config::HealthConfig {
+        check: tcplb::config::HealthCheck::Connect,
+        interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let lb = start(with_admin(l)).await;
+    read_all_from(lb.addr).await;
+    let b = lb.backends[0].clone();
+    assert!(eventually(T, || b.last_probe().is_some()).await);
+    let (code, body) = http_request(lb.admin.unwrap(), "GET", "/status", "").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+    let l = &v["listeners"][0];
+    assert_eq!(l["name"], "test");
+    assert_eq!(l["strategy"], "round-robin");
+    assert_eq!(l["listen"][0], lb.addr.to_string());
+    let be = &l["backends"][0];
+    assert_eq!(be["address"], a.to_string());
+    assert_eq!(be["state"], "up");
+    assert_eq!(be["total"], 1);
+    assert_eq!(be["active"], 0);
+    assert_eq!(be["last_check"]["ok"], true);
+    assert!(be["last_check"]["at_unix_ms"].as_u64().unwrap() > 0);
+    assert_eq!(v["draining"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_off_loopback() {
+    let (a, _) = tag_backend("A").await;
+    let lb = start_one(listener(&[a])).await;
+    let query = format!("listener=test&backend={a}");
+    let registry = || tcplb::metrics::registry(NoServices);
+    let post = hyper::Method::POST;
+    // Routing only: nothing is bound off loopback in tests.
+    let exposed: SocketAddr = "0.0.0.0:9901".parse().unwrap();
+    let open = tcplb::admin::Admin::new(lb.handle.clone(), registry(), None, exposed);
+    assert_eq!(open.route(&post, "/backends/drain", Some(&query), None).0, 403);
+    assert_eq!(open.route(&hyper::Method::GET, "/healthz", None, None).0, 200, "reads stay open");
+
+    let guarded =
+        tcplb::admin::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), exposed);
+    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), None).0, 401);
+    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer wrong")).0, 401);
+    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer s3cret")).0, 200);
+    assert!(lb.backends[0].is_draining());
+
+    // On loopback without a token, POSTs are allowed.
+    let local = tcplb::admin::Admin::new(
+        lb.handle.clone(),
+        registry(),
+        None,
+        "127.0.0.1:9901".parse().unwrap(),
+    );
+    assert_eq!(local.route(&post, "/backends/enable", Some(&query), None).0, 200);
+    assert!(!lb.backends[0].is_draining());
+}
+
+#[derive(Debug)]
+struct NoServices;
+
+impl tcplb::metrics::Source for NoServices {
+    fn services(&self) -> std::sync::Arc<Vec<std::sync::Arc<tcplb::service::Service>>> {
+        std::sync::Arc::new(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_file_over_http() {
+    let (a, _) = tag_backend("A").await;
+    let dir = std::env::temp_dir().join(format!("tcplb-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "tok-123\n").unwrap();
+    let mut c = Config::single(listener(&[a]));
+    c.admin = Some(AdminConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: Some(token) });
+    let lb = start(c).await;
+    let q = format!("/backends/drain?listener=test&backend={a}");
+    assert_eq!(http_request(lb.admin.unwrap(), "POST", &q, "").await.0, 401);
+    let auth = "Authorization: Bearer tok-123\r\n";
+    assert_eq!(http_request(lb.admin.unwrap(), "POST", &q, auth).await.0, 200);
+}
