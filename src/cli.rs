@@ -147,6 +147,14 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub dns_refresh: Duration,
 
+    /// Serve only clients in this network (CIDR or address). Repeatable.
+    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
+    pub allow: Vec<ipnet::IpNet>,
+
+    /// Close clients in this network right after accept (wins over --allow). Repeatable.
+    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
+    pub deny: Vec<ipnet::IpNet>,
+
     /// Serve the admin endpoint (metrics, /readyz, /status, drain/enable) here;
     /// keep it on loopback.
     #[arg(long, conflicts_with = "config", value_name = "ADDR", value_parser = config::parse_listen)]
@@ -243,6 +251,8 @@ impl Cli {
         listener.accept_proxy = self.accept_proxy;
         listener.dns_refresh = (!self.dns_refresh.is_zero()).then_some(self.dns_refresh);
         listener.access_log = self.access_log == Switch::On;
+        listener.allow = self.allow;
+        listener.deny = self.deny;
         let mut config = Config::single(listener);
         config.drain_timeout = self.drain_timeout;
         config.max_connections = self.max_connections;

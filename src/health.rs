@@ -81,6 +81,16 @@ impl Health {
         c.fall = fall.max(1);
     }
 
+    /// A real connection succeeded: ends a failure streak. Unlike a probe
+    /// success it never counts toward rise (only probes bring a backend up).
+    pub fn observe_success_streak_reset(&self) {
+        if self.failing.load(Ordering::Relaxed) {
+            let mut c = self.lock();
+            c.fail = 0;
+            self.failing.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Records one result (probe or real connect) and returns the transition it caused.
     pub fn observe(&self, ok: bool) -> Option<Transition> {
         if ok && !self.failing.load(Ordering::Relaxed) && self.is_up() {

@@ -2,15 +2,18 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::proxy;
 use crate::service::Service;
@@ -33,12 +36,34 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 }
 
 /// Errors after which accepting again at once would fail again: back off.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     const ENOBUFS: i32 = 105;
     const ENOMEM: i32 = 12;
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+/// Runs one connection's task; a panic in it (a bug) is logged and counted,
+/// and costs that connection only, never the process. Returns whether it panicked.
+pub async fn contain_panic(
+    listener: &str,
+    peer: SocketAddr,
+    task: impl std::future::Future<Output = ()>,
+) -> bool {
+    match AssertUnwindSafe(task).catch_unwind().await {
+        Ok(()) => false,
+        Err(panic) => {
+            crate::metrics::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            error!(listener, client = %peer, panic = %what, "connection task panicked (a bug); connection closed");
+            true
+        }
+    }
 }
 
 /// What an accept loop needs besides its socket.
@@ -83,11 +108,13 @@ pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptCo
                 let svc = Arc::clone(&svc);
                 let kill = ctx.kill.clone();
                 ctx.tracker.spawn(async move {
-                    proxy::serve(svc, stream, peer, kill).await;
+                    let name = Arc::clone(&svc.name);
+                    contain_panic(&name, peer, proxy::serve(svc, stream, peer, kill)).await;
                     drop(permit);
                 });
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
                 if failures == 0 {
                     warn!(listener = %svc.name, addr = ?local, error = %e, "accept failed: out of resources, backing off");
                 }
@@ -99,9 +126,25 @@ pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptCo
                 }
             }
             Err(e) => {
+                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
                 // Per-connection failures (e.g. ECONNABORTED) never stop the listener.
                 debug!(listener = %svc.name, error = %e, "accept failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_connection_task_is_contained_and_counted() {
+        let before = crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let panicked = contain_panic("t", peer, async { panic!("bug in a connection") }).await;
+        assert!(panicked);
+        assert!(!contain_panic("t", peer, async {}).await);
+        assert_eq!(crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed), before + 1);
     }
 }

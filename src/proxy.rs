@@ -26,6 +26,8 @@ use crate::service::{Service, Snapshot};
 /// Why a connect attempt failed.
 #[derive(Debug)]
 enum ConnectError {
+    /// This process is out of descriptors or buffers: not the backend's fault.
+    Local(io::Error),
     /// No answer within the connect timeout.
     Timeout,
     /// The socket call failed (refused, unreachable, reset).
@@ -36,6 +38,7 @@ impl ConnectError {
     fn reason(&self) -> ConnectFailure {
         match self {
             ConnectError::Timeout => ConnectFailure::Timeout,
+            ConnectError::Local(_) => ConnectFailure::Other,
             ConnectError::Io(e) => match e.kind() {
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
                 io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ConnectFailure::Reset,
@@ -50,6 +53,7 @@ impl ConnectError {
                 format!("timeout after {}", humantime::format_duration(timeout))
             }
             ConnectError::Io(e) => describe_io(e),
+            ConnectError::Local(e) => format!("local resources exhausted: {e}"),
         }
     }
 }
@@ -162,6 +166,11 @@ async fn run(
         }
     }
     let ends = *ends;
+    if !cfg.admits(ends.client.ip()) {
+        svc.stats.denied.fetch_add(1, Ordering::Relaxed);
+        debug!(listener = %svc.name, client = %ends.client, "client denied by allow/deny rules");
+        return Finish::early("denied");
+    }
 
     let mut candidates = snap.pool.candidates(ends.client, cfg.connect_attempts);
     svc.note_panic(candidates.is_panic());
@@ -199,8 +208,10 @@ async fn run(
                         .as_ref()
                         .map_or_else(|| "closed before answering".into(), describe_io);
                     debug!(listener = %svc.name, client = %ends.client, backend = %up.backend.addr, %reason, "backend closed early");
-                    if let Some(t) = up.backend.health.observe(false) {
-                        log_transition(&svc.name, &up.backend, t, &reason);
+                    if passive_checks(snap) {
+                        if let Some(t) = up.backend.health.observe(false) {
+                            log_transition(&svc.name, &up.backend, t, &reason);
+                        }
                     }
                     // The backend may have closed before the client said anything:
                     // read enough of the request to judge it.
@@ -301,6 +312,12 @@ async fn run(
     }
 }
 
+/// Real traffic feeds health only when active probes run: with `check =
+/// none` nothing could ever bring a passively downed backend back up.
+fn passive_checks(snap: &Snapshot) -> bool {
+    snap.config.health.check != HealthCheck::None
+}
+
 /// Sends a synthesized response and counts it.
 async fn respond(svc: &Service, client: &TcpStream, status: Status) {
     svc.stats.record_synthesized(status);
@@ -336,22 +353,29 @@ async fn connect(
         match result {
             Ok(stream) => {
                 backend.record_connected();
-                let passive_rise = snap.config.health.check == HealthCheck::None;
-                if let Some(t) = backend.health.observe(true).filter(|_| passive_rise) {
-                    log_transition(&svc.name, backend, t, "connect succeeded");
+                if passive_checks(snap) {
+                    // Resets a failure streak; only probes bring a down backend up.
+                    backend.health.observe_success_streak_reset();
                 }
                 return Ok(Upstream { backend: Arc::clone(backend), stream, _slot: slot });
+            }
+            Err(ConnectError::Local(e)) => {
+                // Every other backend would fail the same way; the backend is not to blame.
+                warn!(listener = %svc.name, client = %ends.client, error = %e, "cannot open a backend connection: out of local resources");
+                return Err(Status::ServiceUnavailable);
             }
             Err(e) => {
                 let reason = e.describe(timeout);
                 warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, "backend connect failed");
                 backend.record_connect_failure(e.reason());
-                if let Some(t) = backend.health.observe(false) {
-                    log_transition(&svc.name, backend, t, &reason);
+                if passive_checks(snap) {
+                    if let Some(t) = backend.health.observe(false) {
+                        log_transition(&svc.name, backend, t, &reason);
+                    }
                 }
                 status = match e {
                     ConnectError::Timeout => Status::GatewayTimeout,
-                    ConnectError::Io(_) => Status::BadGateway,
+                    _ => Status::BadGateway,
                 };
             }
         }
@@ -360,8 +384,14 @@ async fn connect(
 }
 
 async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-        .map_err(ConnectError::Io)?;
+    let socket =
+        if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| {
+            if crate::listener::is_resource_exhaustion(&e) {
+                ConnectError::Local(e)
+            } else {
+                ConnectError::Io(e)
+            }
+        })?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
     socket.set_keepalive(true).map_err(ConnectError::Io)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::{
-    parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config, HealthCheck,
-    ListenerConfig, Protocol, StrategyKind, Upstream, DEFAULT_DRAIN_TIMEOUT,
+    parse_cidr, parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config,
+    HealthCheck, ListenerConfig, Protocol, StrategyKind, Upstream, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
 };
 
@@ -90,6 +90,8 @@ struct RawListener {
     send_proxy: Option<Spanned<String>>,
     accept_proxy: Option<bool>,
     access_log: Option<bool>,
+    allow: Option<Vec<Spanned<String>>>,
+    deny: Option<Vec<Spanned<String>>>,
     backlog: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
 }
@@ -409,6 +411,17 @@ impl Validator<'_> {
         }
         if let Some(a) = r.access_log {
             lc.access_log = a;
+        }
+        for (list, out) in [(&r.allow, &mut lc.allow), (&r.deny, &mut lc.deny)] {
+            if let Some(list) = list {
+                out.clear();
+                for net in list {
+                    match parse_cidr(net.get_ref()) {
+                        Ok(n) => out.push(n),
+                        Err(e) => self.error(net.span(), e),
+                    }
+                }
+            }
         }
         if let Some(n) = &r.backlog {
             if let Some(n) = self.count(n, "backlog", 1, 65535) {

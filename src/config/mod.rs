@@ -7,8 +7,10 @@
 pub mod file;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+
+use ipnet::IpNet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -90,6 +92,36 @@ pub struct ListenerConfig {
     pub dns_refresh: Option<Duration>,
     /// Write one access-log event (info, target `tcplb::access`) per connection.
     pub access_log: bool,
+    /// When not empty, only clients in these networks are served.
+    pub allow: Vec<IpNet>,
+    /// Clients in these networks are closed right after accept (wins over allow).
+    pub deny: Vec<IpNet>,
+}
+
+impl ListenerConfig {
+    /// Whether a client at `ip` may be served.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Parses a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("'{s}' is not a network: expected e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7"))
 }
 
 impl ListenerConfig {
@@ -112,6 +144,8 @@ impl ListenerConfig {
             accept_proxy: false,
             dns_refresh: Some(DEFAULT_DNS_REFRESH),
             access_log: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -487,7 +521,34 @@ mod tests {
         assert!("ping".parse::<HealthCheck>().unwrap_err().contains("'ping'"));
     }
 
+    #[test]
+    fn allow_and_deny() {
+        let mut l = ListenerConfig::new("t", vec![], vec![]);
+        assert!(l.admits("192.0.2.1".parse().unwrap()), "no rules: everyone");
+        l.allow = vec![parse_cidr("10.0.0.0/8").unwrap(), parse_cidr("::1").unwrap()];
+        l.deny = vec![parse_cidr("10.9.0.0/16").unwrap()];
+        assert!(l.admits("10.1.2.3".parse().unwrap()));
+        assert!(!l.admits("10.9.2.3".parse().unwrap()), "deny wins");
+        assert!(!l.admits("192.0.2.1".parse().unwrap()), "not allowed");
+        assert!(l.admits("::1".parse().unwrap()));
+        assert!(l.admits("::ffff:10.1.1.1".parse().unwrap()), "v4-mapped is v4");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("10.0.0.0/33"));
+        assert!(parse_cidr("nope").is_err());
+    }
+
     proptest! {
+        #[test]
+        fn cidr_parser_never_panics(s in ".{0,48}") {
+            let _ = parse_cidr(&s);
+        }
+
+        #[test]
+        fn cidr_contains_its_address(a in any::<[u8; 4]>(), len in 0u8..=32) {
+            let net = parse_cidr(&format!("{}/{len}", std::net::Ipv4Addr::from(a))).unwrap();
+            prop_assert!(net.contains(&IpAddr::from(a)));
+        }
+
         #[test]
         fn upstream_parser_never_panics(s in ".{0,64}") {
             let _ = s.parse::<Upstream>();
