@@ -1,0 +1,8 @@
+//! The failure-path HTTP peek and the replay check: never panic on any bytes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = tcplb::http::sniff(data);
+    let _ = tcplb::replay::verdict(data);
+});
