@@ -2,11 +2,13 @@
 //!
 //! Each direction runs until its own EOF, then shuts down the write half of
 //! the other socket (half-close), while the reverse direction keeps flowing.
-//! A read never outruns the write before it (backpressure), buffers are only
-//! allocated when a socket first has bytes to read (an idle connection costs
-//! no buffer), and grow from 8 KiB to 64 KiB only for bulk transfers. An error
-//! on either socket ends both, and the surviving peer is reset so that it sees
-//! the failure instead of a clean end of stream.
+//! Bytes are read into a per-thread 64 KiB scratch buffer and written on at
+//! once; only what the destination cannot take right away is copied into a
+//! per-connection buffer, which is freed as soon as it is flushed. So a
+//! connection holds no buffer at all unless its destination is slow, and a
+//! read never outruns the write before it (backpressure). An error on either
+//! socket ends both, and the surviving peer is reset so that it sees the
+//! failure instead of a clean end of stream.
 
 use std::io;
 use std::net::Shutdown;
@@ -17,11 +19,6 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// First buffer allocated for a direction that has bytes to move.
-const INITIAL_BUFFER: usize = 8 * 1024;
-/// Largest buffer a bulk transfer grows to.
-const MAX_BUFFER: usize = 64 * 1024;
 
 /// Timeouts that bound a spliced connection.
 #[derive(Debug, Clone, Copy)]
@@ -212,27 +209,30 @@ async fn pump(
     counters: [&AtomicU64; 2],
     activity: &Activity,
 ) -> Result<(), Fault> {
-    let mut buf: Vec<u8> = Vec::new();
+    // Bytes read but not yet written: only ever non-empty under backpressure.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
         from.readable().await.map_err(Fault::Read)?;
-        if buf.is_empty() {
-            buf = vec![0; INITIAL_BUFFER];
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Fault::Read(e)),
+        let step = forward(from, to, &mut pending, |_| {});
+        let written = match step {
+            Step::Eof => break,
+            Step::Spurious => continue,
+            Step::ReadError(e) => return Err(Fault::Read(e)),
+            Step::WriteError(e) => return Err(Fault::Write(e)),
+            Step::Moved { written, .. } => written,
         };
         activity.touch();
-        write_all(to, &buf[..n]).await.map_err(Fault::Write)?;
-        for c in counters {
-            c.fetch_add(n as u64, Ordering::Relaxed);
+        let mut moved = written as u64;
+        if !pending.is_empty() {
+            // The destination is slow: wait for it, then free the buffer, so
+            // that a connection going idle again holds no memory.
+            write_all(to, &pending).await.map_err(Fault::Write)?;
+            moved += pending.len() as u64;
+            pending = Vec::new();
+            activity.touch();
         }
-        activity.touch();
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf = vec![0; buf.len() * 2];
+        for c in counters {
+            c.fetch_add(moved, Ordering::Relaxed);
         }
     }
     match SockRef::from(to).shutdown(Shutdown::Write) {
@@ -241,6 +241,82 @@ async fn pump(
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(Fault::Write(e)),
     }
+}
+
+/// What one [`forward`] call did.
+#[derive(Debug)]
+pub enum Step {
+    /// The source is at end of stream.
+    Eof,
+    /// The readiness was spurious: nothing to read.
+    Spurious,
+    /// Reading failed.
+    ReadError(io::Error),
+    /// Writing failed.
+    WriteError(io::Error),
+    /// `read` bytes came in; `written` of them went out at once, the rest
+    /// were appended to `pending`.
+    Moved {
+        /// Bytes read.
+        read: usize,
+        /// Bytes written straight away.
+        written: usize,
+    },
+}
+
+/// Size of each worker thread's scratch buffer.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every connection on it:
+    /// a connection owns a buffer only while its destination is slow.
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Reads what `from` has (up to 64 KiB) into the thread's scratch buffer and
+/// writes it to `to` at once; whatever `to` does not take is appended to
+/// `pending` for the caller to write when `to` is writable. `inspect` sees
+/// the bytes read. Never waits.
+pub fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    pending: &mut Vec<u8>,
+    mut inspect: impl FnMut(&[u8]),
+) -> Step {
+    SCRATCH_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Step::Eof,
+            Ok(n) => n,
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
+            {
+                return Step::Spurious
+            }
+            Err(e) => return Step::ReadError(e),
+        };
+        let data = &buf[..n];
+        inspect(data);
+        let written = if pending.is_empty() {
+            match to.try_write(data) {
+                Ok(w) => w,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    0
+                }
+                Err(e) => return Step::WriteError(e),
+            }
+        } else {
+            0
+        };
+        pending.extend_from_slice(&data[written..]);
+        Step::Moved { read: n, written }
+    })
 }
 
 /// Writes all of `data` to `to`, waiting for writability (backpressure).

@@ -307,7 +307,7 @@ async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
         if buf.len() >= 8192 {
             return Err("HTTP status line longer than 8 KiB".into());
         }
-        let mut chunk = [0u8; 1024];
+        let mut chunk = vec![0u8; 1024];
         let n = stream.read(&mut chunk).await.map_err(|e| describe_io(&e))?;
         if n == 0 {
             return Err("connection closed before an HTTP status".into());

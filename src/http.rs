@@ -129,7 +129,8 @@ pub async fn sniff_client(client: &TcpStream, held: &[u8], deadline: Instant) ->
         }
         let read = timeout_at(deadline, async {
             client.readable().await?;
-            let mut chunk = [0u8; 1024];
+            // On the heap: a stack array would live in every connection's future.
+            let mut chunk = vec![0u8; 1024];
             let room = (PEEK_LIMIT - buf.len()).min(chunk.len());
             match client.try_read(&mut chunk[..room]) {
                 Ok(n) => Ok(Some(chunk[..n].to_vec())),
@@ -154,7 +155,7 @@ pub async fn respond(client: &TcpStream, status: Status, head_request: bool) -> 
     socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write)?;
     let deadline = Instant::now() + LINGER;
     let mut discarded = 0;
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; 4096];
     while discarded < LINGER_LIMIT {
         let read = timeout_at(deadline, async {
             client.readable().await?;

@@ -54,16 +54,21 @@ pub async fn contain_panic(
     match AssertUnwindSafe(task).catch_unwind().await {
         Ok(()) => false,
         Err(panic) => {
-            crate::metrics::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            error!(listener, client = %peer, panic = %what, "connection task panicked (a bug); connection closed");
+            report_panic(listener, peer, &*panic);
             true
         }
     }
+}
+
+/// Logs and counts a panic caught in a connection task.
+fn report_panic(listener: &str, peer: SocketAddr, panic: &(dyn std::any::Any + Send)) {
+    crate::metrics::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    error!(listener, client = %peer, panic = %what, "connection task panicked (a bug); connection closed");
 }
 
 /// What an accept loop needs besides its socket.
@@ -107,11 +112,18 @@ pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptCo
                 debug!(listener = %svc.name, client = %peer, "accepted");
                 let svc = Arc::clone(&svc);
                 let kill = ctx.kill.clone();
-                ctx.tracker.spawn(async move {
-                    let name = Arc::clone(&svc.name);
-                    contain_panic(&name, peer, proxy::serve(svc, stream, peer, kill)).await;
-                    drop(permit);
-                });
+                // No async block around the task: it would store the
+                // connection's future twice.
+                let name = Arc::clone(&svc.name);
+                let task = AssertUnwindSafe(proxy::serve(svc, stream, peer, kill))
+                    .catch_unwind()
+                    .map(move |result| {
+                        if let Err(panic) = result {
+                            report_panic(&name, peer, &*panic);
+                        }
+                        drop(permit);
+                    });
+                ctx.tracker.spawn(task);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);

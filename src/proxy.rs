@@ -435,3 +435,35 @@ async fn fail(
         _ = cancel.cancelled() => false,
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn print_future_sizes() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let cfg = crate::config::ListenerConfig::new("t", vec![], vec![]);
+            let pool = crate::backend::Pool::new(vec![], crate::config::StrategyKind::RoundRobin);
+            let svc = std::sync::Arc::new(crate::service::Service::new(cfg, pool));
+            let f = super::serve(svc, c, addr, tokio_util::sync::CancellationToken::new());
+            eprintln!("serve future: {} bytes", size(&f));
+            let t = crate::duplex::Timeouts { idle: None, half_close: None };
+            let k = tokio_util::sync::CancellationToken::new();
+            let a = std::sync::atomic::AtomicU64::new(0);
+            let c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let sp = crate::duplex::splice(&c2, &c2, t, &k, (&a, &a), false);
+            eprintln!("splice future: {} bytes", size(&sp));
+            let mut held = crate::replay::Held::new();
+            let fx = crate::replay::first_exchange(&c2, &c2, &mut held, t, &k);
+            eprintln!("first_exchange future: {} bytes", size(&fx));
+            let co = super::connect_one(addr, std::time::Duration::from_secs(1));
+            eprintln!("connect_one future: {} bytes", size(&co));
+        });
+    }
+}

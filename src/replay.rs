@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::duplex::{write_all, Timeouts};
+use crate::duplex::{forward, write_all, Step, Timeouts};
 use crate::http::{self, Sniff};
 
 /// Most client bytes held for a replay.
@@ -193,7 +193,8 @@ pub async fn first_exchange(
     };
     let idle = limit(held);
     let mut sent = 0u64;
-    let mut buf = vec![0u8; 16 * 1024];
+    // Bytes the destination could not take at once (backpressure only).
+    let mut pending = Vec::new();
     let mut deadline = idle.map(|d| Instant::now() + d);
     let result = loop {
         tokio::select! {
@@ -203,38 +204,42 @@ pub async fn first_exchange(
                 if let Err(e) = r {
                     break First::ClosedEarly(Some(e));
                 }
-                match backend.try_read(&mut buf) {
-                    Ok(0) => break First::ClosedEarly(None),
-                    Ok(n) => {
-                        if let Err(e) = write_all(client, &buf[..n]).await {
+                match forward(backend, client, &mut pending, |_| {}) {
+                    Step::Eof => break First::ClosedEarly(None),
+                    Step::Spurious => continue,
+                    Step::ReadError(e) => break First::ClosedEarly(Some(e)),
+                    Step::WriteError(e) => break First::ClientError(e),
+                    Step::Moved { read, .. } => {
+                        if let Err(e) = write_all(client, &pending).await {
                             break First::ClientError(e);
                         }
-                        return Exchange { sent, received: n as u64, result: First::Answered };
+                        return Exchange { sent, received: read as u64, result: First::Answered };
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => break First::ClosedEarly(Some(e)),
                 }
             }
             r = client.readable(), if !held.client_done => {
                 if let Err(e) = r {
                     break First::ClientError(e);
                 }
-                match client.try_read(&mut buf) {
-                    Ok(0) => {
+                match forward(client, backend, &mut pending, |data| held.record(data)) {
+                    Step::Eof => {
                         held.client_done = true;
                         let _ = socket2::SockRef::from(backend).shutdown(std::net::Shutdown::Write);
                         deadline = limit(held).map(|d| Instant::now() + d);
                     }
-                    Ok(n) => {
-                        held.record(&buf[..n]);
-                        if let Err(e) = write_all(backend, &buf[..n]).await {
-                            break First::BackendError(e);
+                    Step::Spurious => continue,
+                    Step::ReadError(e) => break First::ClientError(e),
+                    Step::WriteError(e) => break First::BackendError(e),
+                    Step::Moved { read, .. } => {
+                        if !pending.is_empty() {
+                            if let Err(e) = write_all(backend, &pending).await {
+                                break First::BackendError(e);
+                            }
+                            pending = Vec::new();
                         }
-                        sent += n as u64;
+                        sent += read as u64;
                         deadline = idle.map(|d| Instant::now() + d);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => break First::ClientError(e),
                 }
             }
             _ = until(deadline) => break First::IdleTimeout,

@@ -19,23 +19,27 @@ use crate::backend::Backend;
 /// Prime table sizes; the first at least 100 × backends is used.
 const SIZES: [u64; 3] = [65_537, 131_071, 524_287];
 
+/// Most backends a table can index (slots are 16-bit, to halve the table
+/// and keep lookups in cache); further backends are left out of the table.
+pub const MAX_BACKENDS: usize = u16::MAX as usize;
+
 /// A Maglev lookup table over one backend list.
 #[derive(Debug)]
 pub struct Maglev {
     /// Slot → backend index.
-    table: Vec<u32>,
+    table: Vec<u16>,
 }
 
 impl Maglev {
     /// Builds the table for `backends` with their current weights.
     pub fn new(backends: &[Arc<Backend>]) -> Self {
         let keys: Vec<(String, u32)> =
-            backends.iter().map(|b| (b.addr.to_string(), b.weight())).collect();
+            backends.iter().take(MAX_BACKENDS).map(|b| (b.addr.to_string(), b.weight())).collect();
         Maglev { table: build_table(&keys) }
     }
 
     /// The table (for comparing two instances).
-    pub fn table(&self) -> &[u32] {
+    pub fn table(&self) -> &[u16] {
         &self.table
     }
 
@@ -52,7 +56,7 @@ impl Maglev {
 }
 
 /// The table for `(name, weight)` keys, in the order given.
-fn build_table(keys: &[(String, u32)]) -> Vec<u32> {
+fn build_table(keys: &[(String, u32)]) -> Vec<u16> {
     let n = keys.len();
     if n == 0 {
         return Vec::new();
@@ -70,18 +74,18 @@ fn build_table(keys: &[(String, u32)]) -> Vec<u32> {
         })
         .collect();
     let mut next = vec![0u64; n];
-    let mut table = vec![u32::MAX; m as usize];
+    let mut table = vec![u16::MAX; m as usize];
     let mut filled = 0u64;
     while filled < m {
         for &i in &order {
             for _ in 0..keys[i].1.max(1) {
                 let (offset, skip) = perm[i];
                 let mut slot = ((offset + next[i] * skip) % m) as usize;
-                while table[slot] != u32::MAX {
+                while table[slot] != u16::MAX {
                     next[i] += 1;
                     slot = ((offset + next[i] * skip) % m) as usize;
                 }
-                table[slot] = i as u32;
+                table[slot] = i as u16;
                 next[i] += 1;
                 filled += 1;
                 if filled == m {

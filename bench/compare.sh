@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of tcplb, HAProxy (mode tcp, with and without
+# splice) and nginx stream, plus a direct connection (the physical limit).
+# Loopback only; bounded in time (about 5 minutes with the defaults); stops
+# everything it started, also on Ctrl-C. Prints a Markdown table.
+#
+#   bench/compare.sh                 # 3 rounds
+#   ROUNDS=5 DURATION=5 bench/compare.sh
+#   SKIP_MEMORY=1 bench/compare.sh   # skip the 10,000 idle connections test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}        # seconds per wrk run
+IPERF_TIME=${IPERF_TIME:-3}    # seconds per iperf3 run
+CORES=$(nproc)
+
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v wrk >/dev/null || need+=(wrk)
+command -v iperf3 >/dev/null || need+=(iperf3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q
+TCPLB=$ROOT/target/release/tcplb
+
+WORK=$(mktemp -d /tmp/tcplb-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
+    [ -f "$WORK/nginx-lb.pid" ] && kill "$(cat "$WORK/nginx-lb.pid")" 2>/dev/null || true
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+FDS=$(ulimit -n)
+# Each proxied connection holds two descriptors in the proxy.
+MAXCONN=$(( (FDS - 1200) / 2 ))
+IDLE_CONNS=${IDLE_CONNS:-$(( MAXCONN < 10000 ? MAXCONN - 100 : 10000 ))}
+
+# Ports: backends 18081/18082, iperf3 18201; proxies below.
+B1=18081; B2=18082; IPERF=18201
+declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104)
+declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114)
+declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124)
+SINK=18301
+PROXIES=(direct haproxy haproxy-splice nginx tcplb)
+
+# --- backends: two nginx HTTP servers with a short body, one iperf3 server.
+cat > "$WORK/nginx-be.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx-be.pid;
+error_log $WORK/nginx-be.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$B1 backlog=4096; location / { return 200 "hello from backend\n"; } }
+    server { listen 127.0.0.1:$B2 backlog=4096; location / { return 200 "hello from backend\n"; } }
+}
+CONF
+nginx -c "$WORK/nginx-be.conf"
+iperf3 -s -p $IPERF -D --pidfile "$WORK/iperf.pid" >/dev/null
+sleep 0.3; PIDS+=("$(cat "$WORK/iperf.pid")")
+
+# A sink that accepts and holds connections, for the memory test.
+cat > "$WORK/sink.py" <<'PY'
+import asyncio, sys
+async def hold(r, w):
+    await r.read()
+    w.close()
+async def main():
+    s = await asyncio.start_server(hold, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    await s.serve_forever()
+asyncio.run(main())
+PY
+python3 "$WORK/sink.py" $SINK & PIDS+=($!)
+
+# --- proxies
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+    nbthread $CORES
+    maxconn $MAXCONN
+    maxpipes 200
+    tune.bufsize 16384
+defaults
+    mode tcp
+    balance roundrobin
+    timeout connect 3s
+    timeout client 1h
+    timeout server 1h
+frontend http
+    bind 127.0.0.1:${HTTP_PORT[haproxy]}
+    default_backend http
+frontend http_splice
+    bind 127.0.0.1:${HTTP_PORT[haproxy-splice]}
+    option splice-request
+    option splice-response
+    default_backend http
+backend http
+    server b1 127.0.0.1:$B1
+    server b2 127.0.0.1:$B2
+frontend iperf
+    bind 127.0.0.1:${IPERF_PORT[haproxy]}
+    default_backend iperf
+frontend iperf_splice
+    bind 127.0.0.1:${IPERF_PORT[haproxy-splice]}
+    option splice-request
+    option splice-response
+    default_backend iperf
+backend iperf
+    server i1 127.0.0.1:$IPERF
+frontend idle
+    bind 127.0.0.1:${IDLE_PORT[haproxy]}
+    default_backend idle
+backend idle
+    server s1 127.0.0.1:$SINK
+CONF
+haproxy -c -q -f "$WORK/haproxy.cfg" || { echo "haproxy rejected its configuration" >&2; exit 1; }
+haproxy -f "$WORK/haproxy.cfg" -q 2>"$WORK/haproxy.err" & PIDS+=($!); HAPROXY_PID=$!
+
+cat > "$WORK/nginx-lb.conf" <<CONF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes $CORES;
+worker_rlimit_nofile $FDS;
+pid $WORK/nginx-lb.pid;
+error_log $WORK/nginx-lb.err;
+events { worker_connections $FDS; }
+stream {
+    upstream http { server 127.0.0.1:$B1; server 127.0.0.1:$B2; }
+    upstream iperf { server 127.0.0.1:$IPERF; }
+    upstream idle { server 127.0.0.1:$SINK; }
+    server { listen 127.0.0.1:${HTTP_PORT[nginx]} backlog=4096; proxy_pass http; }
+    server { listen 127.0.0.1:${IPERF_PORT[nginx]}; proxy_pass iperf; }
+    server { listen 127.0.0.1:${IDLE_PORT[nginx]} backlog=4096; proxy_pass idle; proxy_timeout 1h; }
+}
+CONF
+nginx -c "$WORK/nginx-lb.conf"
+
+cat > "$WORK/tcplb.toml" <<CONF
+max_connections = $MAXCONN
+[defaults]
+protocol = "tcp"
+access_log = false
+[[listener]]
+name = "http"
+listen = "127.0.0.1:${HTTP_PORT[tcplb]}"
+upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
+[[listener]]
+name = "iperf"
+listen = "127.0.0.1:${IPERF_PORT[tcplb]}"
+upstreams = ["127.0.0.1:$IPERF"]
+[[listener]]
+name = "idle"
+listen = "127.0.0.1:${IDLE_PORT[tcplb]}"
+upstreams = ["127.0.0.1:$SINK"]
+CONF
+"$TCPLB" --config "$WORK/tcplb.toml" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
+sleep 1
+
+# --- workloads
+wrk_run() { # port extra-header -> "rps p50_ms p99_ms"
+    local out
+    if [ -n "$2" ]; then
+        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1/")
+    else
+        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1/")
+    fi
+    python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+def ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, u = float(m.group(1)), m.group(2)
+    return n / 1000 if u == "us" else n * 1000 if u == "s" else n
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+errs = re.search(r"Socket errors: (.*)", out)
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+if non2xx and int(non2xx.group(1)) > 0:
+    rps = 0.0  # a proxy that fails requests does not get credit for them
+print(f"{rps:.0f} {p50:.3f} {p99:.3f}")
+PY
+}
+iperf_run() { # port streams -> Gbit/s
+    iperf3 -c 127.0.0.1 -p "$1" -t "$IPERF_TIME" -P "$2" -J 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))'
+}
+
+RESULTS=$WORK/results.txt
+: > "$RESULTS"
+for round in $(seq 1 "$ROUNDS"); do
+    for p in "${PROXIES[@]}"; do
+        read -r ka p50 p99 < <(wrk_run "${HTTP_PORT[$p]}" "")
+        read -r cl _ _ < <(wrk_run "${HTTP_PORT[$p]}" "Connection: close")
+        i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
+        i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
+        echo "$round $p $ka $cl $i1 $i8 $p50 $p99" | tee -a "$RESULTS" >&2
+    done
+done
+
+# --- memory: RSS (PSS for multi-process nginx) with IDLE_CONNS idle proxied connections.
+pss_kib() { # pids... -> summed Pss (KiB)
+    local t=0
+    for pid in "$@"; do
+        v=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
+        t=$((t + v))
+    done
+    echo $t
+}
+nginx_pids() { pgrep -P "$(cat "$WORK/nginx-lb.pid")" | tr '\n' ' '; cat "$WORK/nginx-lb.pid"; }
+MEM=$WORK/memory.txt
+: > "$MEM"
+if [ -z "${SKIP_MEMORY:-}" ]; then
+    cat > "$WORK/idle.py" <<'PY'
+import socket, sys, time
+port, n, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    socks.append(s)
+print("open", flush=True)
+time.sleep(hold)
+PY
+    for p in haproxy nginx tcplb; do
+        case $p in
+            haproxy) pids="$HAPROXY_PID" ;;
+            nginx) pids=$(nginx_pids) ;;
+            tcplb) pids="$TCPLB_PID" ;;
+        esac
+        before=$(pss_kib $pids)
+        python3 "$WORK/idle.py" "${IDLE_PORT[$p]}" "$IDLE_CONNS" 8 > "$WORK/idle.out" & idle=$!
+        for _ in $(seq 1 100); do grep -q open "$WORK/idle.out" 2>/dev/null && break; sleep 0.2; done
+        sleep 3
+        after=$(pss_kib $pids)
+        wait $idle || true
+        echo "$p $before $after" | tee -a "$MEM" >&2
+        sleep 2
+    done
+fi
+
+# --- report
+python3 - "$RESULTS" "$MEM" "$IDLE_CONNS" <<'PY'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+proxies = ["direct", "haproxy", "haproxy-splice", "nginx", "tcplb"]
+metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
+           ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7)]
+rounds = sorted({r[0] for r in rows})
+def val(rnd, p, i):
+    for r in rows:
+        if r[0] == rnd and r[1] == p:
+            return float(r[i])
+med = {(p, i): statistics.median(val(r, p, i) for r in rounds) for p in proxies for _, i in metrics}
+# Ratios per round, then the median ratio (absolute numbers drift on a shared machine).
+def ratio(p, q_list, i, lower_better=False):
+    rs = []
+    for r in rounds:
+        a = val(r, p, i)
+        b = min(val(r, q, i) for q in q_list) if lower_better else max(val(r, q, i) for q in q_list)
+        rs.append((b / a if lower_better else a / b) if a and b else 0.0)
+    return statistics.median(rs)
+peers = ["haproxy", "haproxy-splice", "nginx"]
+print(f"Medians of {len(rounds)} rounds (proxies interleaved in each round).\n")
+print("| metric | " + " | ".join(proxies) + " | tcplb / direct | tcplb / best peer |")
+print("|---|" + "---|" * (len(proxies) + 2))
+for name, i in metrics:
+    lower = name.startswith("p")
+    cells = [f"{med[(p, i)]:.2f}" if med[(p, i)] < 100 else f"{med[(p, i)]:.0f}" for p in proxies]
+    d = ratio("tcplb", ["direct"], i, lower)
+    b = ratio("tcplb", peers, i, lower)
+    print(f"| {name} | " + " | ".join(cells) + f" | {d:.2f}x | {b:.2f}x |")
+mem = [l.split() for l in open(sys.argv[2]) if l.strip()]
+if mem:
+    n = int(sys.argv[3])
+    print(f"\nMemory with {n} idle proxied connections (PSS, KiB):\n")
+    print("| proxy | before | after | KiB per connection |")
+    print("|---|---|---|---|")
+    for p, before, after in mem:
+        print(f"| {p} | {before} | {after} | {(int(after) - int(before)) / n:.2f} |")
+print("\nRatios are medians of per-round ratios; for latency, > 1 means tcplb is faster.")
+PY
