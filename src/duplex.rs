@@ -11,11 +11,15 @@
 //! failure instead of a clean end of stream.
 
 use std::io;
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -138,8 +142,8 @@ impl Activity {
 /// long-lived connections show up in metrics before they end.
 /// `client_done` says the client's FIN was already passed on to the backend.
 pub async fn splice(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
     timeouts: Timeouts,
     cancel: &CancellationToken,
     totals: (&AtomicU64, &AtomicU64),
@@ -148,45 +152,48 @@ pub async fn splice(
     let activity = Activity::new();
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let up = pump(client, backend, [&sent, totals.0], &activity);
-    let down = pump(backend, client, [&received, totals.1], &activity);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (client_done, false);
-
-    let (end, error) = loop {
-        let half_closed = up_done || down_done;
-        let limit = if half_closed { timeouts.after_half_close() } else { timeouts.idle };
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    if down_done {
-                        break (End::BackendClosed, None);
+    let (mut cr, mut cw) = client.split();
+    let (mut br, mut bw) = backend.split();
+    let (end, error) = {
+        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity);
+        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (client_done, false);
+        loop {
+            let half_closed = up_done || down_done;
+            let limit = if half_closed { timeouts.after_half_close() } else { timeouts.idle };
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => {
+                        up_done = true;
+                        if down_done {
+                            break (End::BackendClosed, None);
+                        }
                     }
-                }
-                Err(Fault::Read(e)) => break (End::ClientError, Some(e)),
-                Err(Fault::Write(e)) => break (End::BackendError, Some(e)),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    if up_done {
-                        break (End::ClientClosed, None);
+                    Err(Fault::Read(e)) => break (End::ClientError, Some(e)),
+                    Err(Fault::Write(e)) => break (End::BackendError, Some(e)),
+                },
+                r = &mut down, if !down_done => match r {
+                    Ok(()) => {
+                        down_done = true;
+                        if up_done {
+                            break (End::ClientClosed, None);
+                        }
                     }
+                    Err(Fault::Read(e)) => break (End::BackendError, Some(e)),
+                    Err(Fault::Write(e)) => break (End::ClientError, Some(e)),
+                },
+                _ = activity.quiet_for(limit) => {
+                    break (if half_closed { End::HalfCloseTimeout } else { End::IdleTimeout }, None)
                 }
-                Err(Fault::Read(e)) => break (End::BackendError, Some(e)),
-                Err(Fault::Write(e)) => break (End::ClientError, Some(e)),
-            },
-            _ = activity.quiet_for(limit) => {
-                break (if half_closed { End::HalfCloseTimeout } else { End::IdleTimeout }, None)
+                _ = cancel.cancelled() => break (End::Shutdown, None),
             }
-            _ = cancel.cancelled() => break (End::Shutdown, None),
         }
     };
     match end {
         // Tell the surviving side that its peer failed rather than finished.
-        End::ClientError => reset_on_close(backend),
-        End::BackendError => reset_on_close(client),
+        End::ClientError => reset_on_close(bw.as_ref()),
+        End::BackendError => reset_on_close(cw.as_ref()),
         _ => {}
     }
     Outcome {
@@ -204,19 +211,16 @@ pub fn reset_on_close(stream: &TcpStream) {
 
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
 async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
     counters: [&AtomicU64; 2],
     activity: &Activity,
 ) -> Result<(), Fault> {
     // Bytes read but not yet written: only ever non-empty under backpressure.
     let mut pending: Vec<u8> = Vec::new();
     loop {
-        from.readable().await.map_err(Fault::Read)?;
-        let step = forward(from, to, &mut pending, |_| {});
-        let written = match step {
+        let written = match forward(from, to, &mut pending, |_| {}).await {
             Step::Eof => break,
-            Step::Spurious => continue,
             Step::ReadError(e) => return Err(Fault::Read(e)),
             Step::WriteError(e) => return Err(Fault::Write(e)),
             Step::Moved { written, .. } => written,
@@ -226,7 +230,7 @@ async fn pump(
         if !pending.is_empty() {
             // The destination is slow: wait for it, then free the buffer, so
             // that a connection going idle again holds no memory.
-            write_all(to, &pending).await.map_err(Fault::Write)?;
+            to.write_all(&pending).await.map_err(Fault::Write)?;
             moved += pending.len() as u64;
             pending = Vec::new();
             activity.touch();
@@ -235,7 +239,7 @@ async fn pump(
             c.fetch_add(moved, Ordering::Relaxed);
         }
     }
-    match SockRef::from(to).shutdown(Shutdown::Write) {
+    match to.shutdown().await {
         Ok(()) => Ok(()),
         // The peer is already gone entirely; its own direction reports why.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -248,8 +252,6 @@ async fn pump(
 pub enum Step {
     /// The source is at end of stream.
     Eof,
-    /// The readiness was spurious: nothing to read.
-    Spurious,
     /// Reading failed.
     ReadError(io::Error),
     /// Writing failed.
@@ -274,49 +276,45 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
-/// Reads what `from` has (up to 64 KiB) into the thread's scratch buffer and
-/// writes it to `to` at once; whatever `to` does not take is appended to
-/// `pending` for the caller to write when `to` is writable. `inspect` sees
-/// the bytes read. Never waits.
-pub fn forward(
-    from: &TcpStream,
-    to: &TcpStream,
+/// Waits until `from` has bytes (or EOF), reads them (up to 64 KiB) into the
+/// thread's scratch buffer and writes them to `to` at once; whatever `to`
+/// does not take is appended to `pending` for the caller to write. `inspect`
+/// sees the bytes read. Reads go through tokio's `poll_read`, which knows a
+/// short read drained the socket, saving an `EAGAIN` read per message.
+pub async fn forward(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
     pending: &mut Vec<u8>,
     mut inspect: impl FnMut(&[u8]),
 ) -> Step {
-    SCRATCH_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return Step::Eof,
-            Ok(n) => n,
-            Err(e)
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
-            {
-                return Step::Spurious
+    std::future::poll_fn(|cx| {
+        SCRATCH_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let mut rb = ReadBuf::new(&mut buf[..]);
+            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Step::ReadError(e)),
+                Poll::Ready(Ok(())) => {}
             }
-            Err(e) => return Step::ReadError(e),
-        };
-        let data = &buf[..n];
-        inspect(data);
-        let written = if pending.is_empty() {
-            match to.try_write(data) {
-                Ok(w) => w,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    0
+            let data = rb.filled();
+            if data.is_empty() {
+                return Poll::Ready(Step::Eof);
+            }
+            inspect(data);
+            let written = if pending.is_empty() {
+                match Pin::new(&mut *to).poll_write(cx, data) {
+                    Poll::Ready(Ok(w)) => w,
+                    Poll::Pending => 0,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Step::WriteError(e)),
                 }
-                Err(e) => return Step::WriteError(e),
-            }
-        } else {
-            0
-        };
-        pending.extend_from_slice(&data[written..]);
-        Step::Moved { read: n, written }
+            } else {
+                0
+            };
+            pending.extend_from_slice(&data[written..]);
+            Poll::Ready(Step::Moved { read: data.len(), written })
+        })
     })
+    .await
 }
 
 /// Writes all of `data` to `to`, waiting for writability (backpressure).

@@ -14,7 +14,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::duplex::{forward, write_all, Step, Timeouts};
+use tokio::io::AsyncWriteExt;
+
+use crate::duplex::{forward, Step, Timeouts};
 use crate::http::{self, Sniff};
 
 /// Most client bytes held for a replay.
@@ -178,8 +180,8 @@ pub struct Exchange {
 /// Forwards client bytes to `backend` (holding them in `held`) until the
 /// backend answers, closes, or something fails.
 pub async fn first_exchange(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
     held: &mut Held,
     timeouts: Timeouts,
     cancel: &CancellationToken,
@@ -193,55 +195,45 @@ pub async fn first_exchange(
     };
     let idle = limit(held);
     let mut sent = 0u64;
-    // Bytes the destination could not take at once (backpressure only).
-    let mut pending = Vec::new();
+    let (mut cr, mut cw) = client.split();
+    let (mut br, mut bw) = backend.split();
+    // Bytes a destination could not take at once (backpressure only).
+    let (mut pending_up, mut pending_down) = (Vec::new(), Vec::new());
     let mut deadline = idle.map(|d| Instant::now() + d);
     let result = loop {
         tokio::select! {
             // The backend first: its answer ends the phase.
             biased;
-            r = backend.readable() => {
-                if let Err(e) = r {
-                    break First::ClosedEarly(Some(e));
+            step = forward(&mut br, &mut cw, &mut pending_down, |_| {}) => match step {
+                Step::Eof => break First::ClosedEarly(None),
+                Step::ReadError(e) => break First::ClosedEarly(Some(e)),
+                Step::WriteError(e) => break First::ClientError(e),
+                Step::Moved { read, .. } => {
+                    if let Err(e) = cw.write_all(&pending_down).await {
+                        break First::ClientError(e);
+                    }
+                    return Exchange { sent, received: read as u64, result: First::Answered };
                 }
-                match forward(backend, client, &mut pending, |_| {}) {
-                    Step::Eof => break First::ClosedEarly(None),
-                    Step::Spurious => continue,
-                    Step::ReadError(e) => break First::ClosedEarly(Some(e)),
-                    Step::WriteError(e) => break First::ClientError(e),
-                    Step::Moved { read, .. } => {
-                        if let Err(e) = write_all(client, &pending).await {
-                            break First::ClientError(e);
+            },
+            step = forward(&mut cr, &mut bw, &mut pending_up, |data| held.record(data)), if !held.client_done => match step {
+                Step::Eof => {
+                    held.client_done = true;
+                    let _ = bw.shutdown().await;
+                    deadline = limit(held).map(|d| Instant::now() + d);
+                }
+                Step::ReadError(e) => break First::ClientError(e),
+                Step::WriteError(e) => break First::BackendError(e),
+                Step::Moved { read, .. } => {
+                    if !pending_up.is_empty() {
+                        if let Err(e) = bw.write_all(&pending_up).await {
+                            break First::BackendError(e);
                         }
-                        return Exchange { sent, received: read as u64, result: First::Answered };
+                        pending_up = Vec::new();
                     }
+                    sent += read as u64;
+                    deadline = idle.map(|d| Instant::now() + d);
                 }
-            }
-            r = client.readable(), if !held.client_done => {
-                if let Err(e) = r {
-                    break First::ClientError(e);
-                }
-                match forward(client, backend, &mut pending, |data| held.record(data)) {
-                    Step::Eof => {
-                        held.client_done = true;
-                        let _ = socket2::SockRef::from(backend).shutdown(std::net::Shutdown::Write);
-                        deadline = limit(held).map(|d| Instant::now() + d);
-                    }
-                    Step::Spurious => continue,
-                    Step::ReadError(e) => break First::ClientError(e),
-                    Step::WriteError(e) => break First::BackendError(e),
-                    Step::Moved { read, .. } => {
-                        if !pending.is_empty() {
-                            if let Err(e) = write_all(backend, &pending).await {
-                                break First::BackendError(e);
-                            }
-                            pending = Vec::new();
-                        }
-                        sent += read as u64;
-                        deadline = idle.map(|d| Instant::now() + d);
-                    }
-                }
-            }
+            },
             _ = until(deadline) => break First::IdleTimeout,
             _ = cancel.cancelled() => break First::Shutdown,
         }
