@@ -169,6 +169,10 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_enum, default_value = "on")]
     pub access_log: Switch,
 
+    /// Worker threads of the runtime (default: one per CPU core).
+    #[arg(long, value_name = "N", value_parser = config::parse_positive)]
+    pub threads: Option<usize>,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
     };
     let format = cli.log_format;
     let check = cli.check;
+    let threads = cli.threads;
     let config_path = cli.config.clone();
     let config = match cli.into_config() {
         Ok(c) => c,
@@ -51,7 +52,11 @@ fn main() -> ExitCode {
     }
     init_tracing(filter, format);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tcplb: error: cannot start the runtime: {e}");
