@@ -169,7 +169,8 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_enum, default_value = "on")]
     pub access_log: Switch,
 
-    /// Worker threads of the runtime (default: one per CPU core).
+    /// Data-plane worker threads, each with its own SO_REUSEPORT socket per
+    /// listen address (default: one per CPU core).
     #[arg(long, value_name = "N", value_parser = config::parse_positive)]
     pub threads: Option<usize>,
 

@@ -20,19 +20,46 @@ use crate::service::Service;
 
 /// Pause after an accept error caused by resource exhaustion.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Quiet time after which a new exhaustion error starts a new burst (and a new warning).
+const BURST_GAP: Duration = Duration::from_secs(1);
 
 /// Binds `addr` with SO_REUSEADDR and a real backlog. IPv6 sockets are
 /// IPv6-only, so `0.0.0.0:P` and `[::]:P` can both be given.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, backlog, false)?)
+}
+
+/// Binds `n` sockets to `addr` with SO_REUSEPORT, one per worker thread: the
+/// kernel spreads new connections over them, and each worker accepts and
+/// serves its own without handing connections across threads. With port 0
+/// the first socket picks the port and the others join it.
+pub fn bind_group(
+    addr: SocketAddr,
+    backlog: u32,
+    n: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_std(addr, backlog, true)?;
+    let actual = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n.max(1) {
+        group.push(bind_std(actual, backlog, true)?);
+    }
+    Ok(group)
+}
+
+fn bind_std(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Errors after which accepting again at once would fail again: back off.
@@ -85,9 +112,21 @@ pub struct AcceptContext {
 }
 
 /// Accepts until `ctx.stop` is cancelled, then drops (closes) the listener.
-pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptContext) {
+/// The socket is registered with the runtime this runs on, and so are the
+/// connections it accepts.
+pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx: AcceptContext) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listener = %svc.name, error = %e, "cannot register a listen socket");
+            return;
+        }
+    };
     let local = listener.local_addr().ok();
+    // Exhaustion errors in the current burst; a burst ends once accepts have
+    // succeeded for BURST_GAP after the last error.
     let mut failures: u64 = 0;
+    let mut last_failure = tokio::time::Instant::now();
     loop {
         // At the limit, wait here: further clients stay in the kernel backlog.
         let permit = tokio::select! {
@@ -103,7 +142,7 @@ pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptCo
         };
         match accepted {
             Ok((stream, peer)) => {
-                if failures > 0 {
+                if failures > 0 && last_failure.elapsed() >= BURST_GAP {
                     info!(listener = %svc.name, failed = failures, "accepting again");
                     failures = 0;
                 }
@@ -131,6 +170,7 @@ pub async fn accept_loop(listener: TcpListener, svc: Arc<Service>, ctx: AcceptCo
                     warn!(listener = %svc.name, addr = ?local, error = %e, "accept failed: out of resources, backing off");
                 }
                 failures += 1;
+                last_failure = tokio::time::Instant::now();
                 drop(permit);
                 tokio::select! {
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}

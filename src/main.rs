@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let check = cli.check;
     let threads = cli.threads;
     let config_path = cli.config.clone();
-    let config = match cli.into_config() {
+    let mut config = match cli.into_config() {
         Ok(c) => c,
         Err(problems) => {
             for line in problems.lines() {
@@ -51,12 +51,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(filter, format);
-
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n);
+    if threads.is_some() {
+        config.threads = threads;
     }
-    let runtime = match builder.enable_all().build() {
+
+    // The control plane (reload, DNS, probes, admin) runs here; connections
+    // run on the server's own worker threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tcplb: error: cannot start the runtime: {e}");

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -319,6 +319,17 @@ async fn run(
     }
 }
 
+/// When the last local-exhaustion warning was logged (seconds since start).
+static LOCAL_EXHAUSTION_WARNED: AtomicU64 = AtomicU64::new(0);
+
+/// True at most once per second per `last`: for warnings a burst would repeat.
+fn rate_limit(last: &AtomicU64) -> bool {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+    let prev = last.load(Ordering::Relaxed);
+    now > prev && last.compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+}
+
 /// Real traffic feeds health only when active probes run: with `check =
 /// none` nothing could ever bring a passively downed backend back up.
 fn passive_checks(snap: &Snapshot) -> bool {
@@ -368,7 +379,9 @@ async fn connect(
             }
             Err(ConnectError::Local(e)) => {
                 // Every other backend would fail the same way; the backend is not to blame.
-                warn!(listener = %svc.name, client = %ends.client, error = %e, "cannot open a backend connection: out of local resources");
+                if rate_limit(&LOCAL_EXHAUSTION_WARNED) {
+                    warn!(listener = %svc.name, client = %ends.client, error = %e, "cannot open a backend connection: out of local resources");
+                }
                 return Err(Status::ServiceUnavailable);
             }
             Err(e) => {

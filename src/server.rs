@@ -145,8 +145,9 @@ impl Handle {
     }
 }
 
-/// Bound sockets of one listener, keyed by their configured address.
-type Sockets = Vec<(SocketAddr, TcpListener)>;
+/// Bound sockets of one listener, keyed by their configured address: one
+/// SO_REUSEPORT socket per worker for each address.
+type Sockets = Vec<(SocketAddr, Vec<std::net::TcpListener>)>;
 
 /// A bound, ready-to-run load balancer.
 pub struct Server {
@@ -188,7 +189,7 @@ impl Server {
             let assembled = assemble(lc, &resolved, &[]);
             let mut sockets = Vec::with_capacity(lc.listen.len());
             for &addr in &lc.listen {
-                sockets.push((addr, bind(addr, lc)?));
+                sockets.push((addr, bind(addr, lc, config.workers())?));
             }
             let pool = Pool::new(assembled.backends, lc.strategy);
             listeners.push((Arc::new(Service::new(lc.clone(), pool)), sockets));
@@ -215,7 +216,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .flat_map(|(_, ls)| ls.iter().filter_map(|(_, l)| l.local_addr().ok()))
+            .flat_map(|(_, ls)| ls.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()))
             .collect()
     }
 
@@ -238,6 +239,13 @@ impl Server {
     /// connections finish for up to the drain timeout, closes the rest and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let handle = self.handle();
+        let workers = match Workers::start(self.config.workers()) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot start worker threads");
+                return;
+            }
+        };
         let Server { config, resolver, listeners, control_tx, mut control_rx, registry, admin } =
             self;
         let mut rt = Runtime {
@@ -252,6 +260,7 @@ impl Server {
             connections: TaskTracker::new(),
             accepting: TaskTracker::new(),
             listeners: Vec::new(),
+            workers,
         };
         for (svc, sockets) in listeners {
             let lr = rt.start_listener(svc, sockets);
@@ -301,9 +310,45 @@ fn read_token(path: &std::path::Path) -> Result<String, Error> {
     Ok(token)
 }
 
-/// Binds one listen address for `lc`.
-fn bind(addr: SocketAddr, lc: &ListenerConfig) -> Result<TcpListener, Error> {
-    listener::bind(addr, lc.backlog).map_err(|source| Error::Bind { addr, source })
+/// Binds one listen address for `lc`: one socket per worker.
+fn bind(
+    addr: SocketAddr,
+    lc: &ListenerConfig,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    listener::bind_group(addr, lc.backlog, workers).map_err(|source| Error::Bind { addr, source })
+}
+
+/// The data-plane threads: one current-thread runtime each. Connections
+/// live on the worker that accepted them; the control plane (reload, DNS,
+/// probes, admin) stays on the caller's runtime.
+struct Workers {
+    /// Spawn handles, one per worker.
+    handles: Vec<tokio::runtime::Handle>,
+    /// Cancelled (also on drop) to end the worker threads.
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(n: usize) -> Result<Workers, io::Error> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("tcplb-worker-{i}"))
+                .spawn(move || rt.block_on(stop.cancelled()))?;
+        }
+        Ok(Workers { handles, stop })
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// The running state, owned by the control loop.
@@ -330,6 +375,8 @@ struct Runtime {
     accepting: TaskTracker,
     /// Running listeners, in configuration order.
     listeners: Vec<ListenerRuntime>,
+    /// The data-plane threads.
+    workers: Workers,
 }
 
 /// One running listener.
@@ -454,7 +501,7 @@ impl Runtime {
         let snap = service.snapshot();
         info!(
             listener = %service.name,
-            listen = ?sockets.iter().filter_map(|(_, l)| l.local_addr().ok()).collect::<Vec<_>>(),
+            listen = ?sockets.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()).collect::<Vec<_>>(),
             backends = ?snap.pool.backends().iter().map(|b| b.addr).collect::<Vec<_>>(),
             strategy = snap.config.strategy.as_str(),
             "tcplb listening"
@@ -471,11 +518,20 @@ impl Runtime {
         lr
     }
 
-    fn start_socket(&self, lr: &mut ListenerRuntime, addr: SocketAddr, socket: TcpListener) {
+    fn start_socket(
+        &self,
+        lr: &mut ListenerRuntime,
+        addr: SocketAddr,
+        group: Vec<std::net::TcpListener>,
+    ) {
         let token = lr.stop.child_token();
-        let local = socket.local_addr().unwrap_or(addr);
-        let ctx = self.accept_context(token.clone());
-        self.accepting.spawn(listener::accept_loop(socket, Arc::clone(&lr.service), ctx));
+        let local = group.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
+        for (i, socket) in group.into_iter().enumerate() {
+            let ctx = self.accept_context(token.clone());
+            let accept = listener::accept_loop(socket, Arc::clone(&lr.service), ctx);
+            let worker = &self.workers.handles[i % self.workers.handles.len()];
+            worker.spawn(self.accepting.track_future(accept));
+        }
         lr.sockets.push(BoundSocket { configured: addr, local, stop: token });
         lr.service.set_bound(lr.sockets.iter().map(|b| b.local).collect());
     }
@@ -590,7 +646,7 @@ impl Runtime {
                 let have =
                     existing.is_some_and(|i| self.listeners[i].sockets.iter().any(|b| b.is(addr)));
                 if !have {
-                    new_sockets.push((addr, bind(addr, lc)?));
+                    new_sockets.push((addr, bind(addr, lc, self.workers.handles.len())?));
                 }
             }
             prepared.push(Prepared { config: lc.clone(), assembled, new_sockets, existing });

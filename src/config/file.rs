@@ -60,6 +60,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, Problems> {
 struct RawFile {
     drain_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
     defaults: Option<Spanned<RawListener>>,
     admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
@@ -168,6 +169,7 @@ impl Validator<'_> {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin: None,
+            threads: None,
         };
         if let Some(d) = &raw.drain_timeout {
             config.drain_timeout =
@@ -176,6 +178,9 @@ impl Validator<'_> {
         if let Some(n) = &raw.max_connections {
             config.max_connections =
                 self.count(n, "max_connections", 1, 10_000_000).unwrap_or(1) as usize;
+        }
+        if let Some(n) = &raw.threads {
+            config.threads = self.count(n, "threads", 1, 1024).map(|n| n as usize);
         }
         if let Some(a) = &raw.admin {
             let a = a.get_ref();

@@ -46,6 +46,17 @@ pub struct Config {
     pub max_connections: usize,
     /// The admin HTTP endpoint, when enabled.
     pub admin: Option<AdminConfig>,
+    /// Data-plane worker threads (None: one per CPU core).
+    pub threads: Option<usize>,
+}
+
+impl Config {
+    /// How many data-plane workers to run.
+    pub fn workers(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
 }
 
 /// The admin endpoint's settings.
@@ -158,6 +169,7 @@ impl Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin: None,
+            threads: None,
         }
     }
 }
