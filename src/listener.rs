@@ -128,20 +128,27 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
     let mut failures: u64 = 0;
     let mut last_failure = tokio::time::Instant::now();
     loop {
-        // At the limit, wait here: further clients stay in the kernel backlog.
-        let permit = tokio::select! {
-            p = Arc::clone(&ctx.limit).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = ctx.stop.cancelled() => return,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = ctx.stop.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
+                // At the limit, wait here holding this one connection: the
+                // loop accepts nothing more, so further clients stay in the
+                // kernel backlog. (Taking the slot before accepting would let
+                // a worker whose socket has no client sit on a free slot while
+                // another worker's client waits.)
+                let permit = match Arc::clone(&ctx.limit).try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => tokio::select! {
+                        p = Arc::clone(&ctx.limit).acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                        _ = ctx.stop.cancelled() => return,
+                    },
+                };
                 if failures > 0 && last_failure.elapsed() >= BURST_GAP {
                     info!(listener = %svc.name, failed = failures, "accepting again");
                     failures = 0;
@@ -171,7 +178,6 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 }
                 failures += 1;
                 last_failure = tokio::time::Instant::now();
-                drop(permit);
                 tokio::select! {
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
                     _ = ctx.stop.cancelled() => return,
