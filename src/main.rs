@@ -65,10 +65,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Before anything listens: a signal must never meet its default action.
+        let signals = tcplb::shutdown::Signals::install();
         match tcplb::Server::bind(config).await {
             Ok(server) => {
-                tokio::spawn(tcplb::shutdown::reload_on_hangup(config_path, server.handle()));
-                server.run(tcplb::shutdown::signal()).await;
+                let (shutdown, reload) = signals.split(config_path, server.handle());
+                tokio::spawn(reload);
+                server.run(shutdown).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {

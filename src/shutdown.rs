@@ -10,18 +10,54 @@ use crate::server::Handle;
 /// Exit code after a second SIGINT (128 + SIGINT, as shells report it).
 const FORCED_EXIT: i32 = 130;
 
-/// Resolves on the first SIGTERM or SIGINT, and arms the second-SIGINT exit.
-pub async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) =
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
+/// The process's signal handlers, installed before anything listens so that
+/// no signal can arrive while its default action (terminate) still applies.
+#[derive(Debug)]
+pub struct Signals {
+    /// SIGTERM, SIGINT and SIGHUP streams (None when they could not be installed).
+    streams: Option<(Signal, Signal, Signal)>,
+}
+
+use tokio::signal::unix::Signal;
+
+impl Signals {
+    /// Installs the handlers; must be called inside the runtime.
+    pub fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => Some((t, i, h)),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 warn!(error = %e, "cannot install signal handlers; only Ctrl-C will stop tcplb");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+                None
             }
         };
+        Signals { streams }
+    }
+
+    /// Splits into the shutdown future and the SIGHUP reload task.
+    pub fn split(
+        self,
+        config: Option<PathBuf>,
+        handle: Handle,
+    ) -> (impl std::future::Future<Output = ()>, impl std::future::Future<Output = ()>) {
+        let (term_int, hup) = match self.streams {
+            Some((t, i, h)) => (Some((t, i)), Some(h)),
+            None => (None, None),
+        };
+        (shutdown(term_int), reload_on_hangup(hup, config, handle))
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT, and arms the second-SIGINT exit.
+async fn shutdown(streams: Option<(Signal, Signal)>) {
+    let Some((mut term, mut int)) = streams else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
@@ -36,15 +72,8 @@ pub async fn signal() {
 
 /// On every SIGHUP, re-reads and validates `path` and applies it; an invalid
 /// file is logged problem by problem and the running configuration stays.
-pub async fn reload_on_hangup(path: Option<PathBuf>, handle: Handle) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot install the SIGHUP handler; reload is unavailable");
-            return;
-        }
-    };
+async fn reload_on_hangup(hup: Option<Signal>, path: Option<PathBuf>, handle: Handle) {
+    let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         let Some(path) = &path else {
             info!("SIGHUP: no --config file, nothing to reload");

@@ -242,7 +242,7 @@ fn sigterm_drains_then_exits_zero() {
         std::thread::sleep(Duration::from_millis(20));
     }
     conn.write_all(b"b").unwrap();
-    conn.read_exact(&mut b).unwrap();
+    conn.read_exact(&mut b).expect("established connection broken during drain");
     assert_eq!(&b, b"b", "established connection keeps working during drain");
     assert!(child.0.try_wait().unwrap().is_none(), "must not exit while a connection is open");
     drop(conn);
@@ -254,14 +254,18 @@ fn second_sigint_exits_at_once() {
     use std::io::{Read, Write};
     let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = echo.local_addr().unwrap().to_string();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let _keep = std::thread::spawn(move || {
         let conns: Vec<_> = echo.incoming().take(1).collect();
+        let _ = accepted_tx.send(());
         std::thread::sleep(Duration::from_secs(30));
         drop(conns);
     });
     let (mut child, addr, logs) = spawn_listening(&upstream, &["--drain-timeout", "60s"]);
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.write_all(b"hold").unwrap();
+    // The connection is proxied (so the drain has something to wait for).
+    accepted.recv_timeout(Duration::from_secs(5)).expect("backend accepted");
     signal(&child, "-INT");
     // Wait for the drain to begin before the second signal.
     let deadline = Instant::now() + Duration::from_secs(5);
