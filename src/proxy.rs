@@ -118,31 +118,27 @@ pub async fn serve(
     svc.stats.connection_duration.observe(duration);
     let backend = finish.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
     let error = finish.error.as_ref().map(tracing::field::display);
+    // One event, at info on the access-log target, or at debug when it is off.
+    macro_rules! connection_event {
+        ($level:ident, $($target:tt)*) => {
+            $level!(
+                $($target)*
+                listener = %svc.name,
+                client = %ends.client,
+                %backend,
+                sent = finish.sent,
+                received = finish.received,
+                duration_ms = duration.as_millis() as u64,
+                end = finish.end,
+                error,
+                "connection"
+            )
+        };
+    }
     if snap.config.access_log {
-        info!(
-            target: "tcplb::access",
-            listener = %svc.name,
-            client = %ends.client,
-            %backend,
-            sent = finish.sent,
-            received = finish.received,
-            duration_ms = duration.as_millis() as u64,
-            end = finish.end,
-            error,
-            "connection"
-        );
+        connection_event!(info, target: "tcplb::access",);
     } else {
-        debug!(
-            listener = %svc.name,
-            client = %ends.client,
-            %backend,
-            sent = finish.sent,
-            received = finish.received,
-            duration_ms = duration.as_millis() as u64,
-            end = finish.end,
-            error,
-            "connection"
-        );
+        connection_event!(debug,);
     }
 }
 

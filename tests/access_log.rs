@@ -1,39 +1,30 @@
 //! Access log events (JSON for log shippers), `--access-log off`, and the
 //! generated completions and man page, through the binary.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{spawn_logged, Proc};
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts tcplb with JSON logs; returns it, its listen address and its log lines.
 fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::Value>) {
-    let mut child = Proc(
+    let (child, lines) = spawn_logged(
         Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
             .args(["--log-format", "json"])
             .args(extra)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .env_remove("RUST_LOG"),
     );
     let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in lines {
             let v: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
             let _ = tx.send(v);
         }

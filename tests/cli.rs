@@ -1,7 +1,10 @@
 //! The built binary: argument errors, exit codes, signals.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use common::{spawn_logged, Proc};
+
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
@@ -153,37 +156,17 @@ fn help_shows_flags_and_examples() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
-/// A child process that is killed and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts the binary on a free port and returns it once it listens.
 fn spawn_listening(
     upstream: &str,
     extra: &[&str],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Proc(
+    let (child, rx) = spawn_logged(
         Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
             .args(extra)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tcplb"),
+            .env_remove("RUST_LOG"),
     );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let line = rx

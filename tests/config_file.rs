@@ -1,21 +1,16 @@
 //! The configuration file through the binary: --check, error positions,
 //! usage errors, and SIGHUP reload.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::spawn_logged;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tcplb-test-{}", std::process::id()));
@@ -108,21 +103,9 @@ fn sighup_reloads_and_an_invalid_file_keeps_the_old_config() {
     let b = tag_server(b"B");
     let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let path = temp_file("hup.toml", &listener_file(addr, a));
-    let mut child = Proc(
-        Command::new(BIN)
-            .args(["--config", path.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (child, rx) = spawn_logged(
+        Command::new(BIN).args(["--config", path.to_str().unwrap()]).env_remove("RUST_LOG"),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

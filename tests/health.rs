@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tcplb::config::{HealthCheck, HealthConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -79,15 +79,8 @@ async fn http_backend(status: Arc<AtomicU16>, seen: Arc<Mutex<Vec<String>>>) -> 
         let status = Arc::clone(&status);
         let seen = Arc::clone(&seen);
         async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => len += n,
-                }
-            }
-            seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            let Some(head) = read_head(&mut s).await else { return };
+            seen.lock().unwrap().push(head);
             let code = status.load(Ordering::Relaxed);
             let resp =
                 format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

@@ -16,16 +16,8 @@ const T: Duration = Duration::from_secs(5);
 /// An HTTP backend answering 200 once it has a request head.
 async fn http_ok() -> SocketAddr {
     serve(|mut s| async move {
-        let mut buf = vec![0u8; 8192];
-        let mut len = 0;
-        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf[len..]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => len += n,
-            }
-            if len == buf.len() {
-                return;
-            }
+        if read_head(&mut s).await.is_none() {
+            return;
         }
         let _ = s
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")

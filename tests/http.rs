@@ -127,15 +127,8 @@ async fn answering(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
     let (addr, _) = serve(move |mut s| {
         let seen = Arc::clone(&seen);
         async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => len += n,
-                }
-            }
-            seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            let Some(head) = read_head(&mut s).await else { return };
+            seen.lock().unwrap().push(head);
             let _ = s
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\ntwo")
                 .await;

@@ -2,23 +2,18 @@
 //! client never reads, and running out of file descriptors neither crashes
 //! nor spins, and recovers.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{spawn_logged, Proc};
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts tcplb (through `sh -c` so a ulimit can be set) and returns it
 /// with its listen address once it listens.
@@ -30,21 +25,7 @@ fn start(
     let cmd = format!(
         "{prefix} exec {BIN} --listen 127.0.0.1:0 --upstream {upstream} --health-check none --access-log off {extra}"
     );
-    let mut child = Proc(
-        Command::new("sh")
-            .args(["-c", &cmd])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (child, rx) = spawn_logged(Command::new("sh").args(["-c", &cmd]).env_remove("RUST_LOG"));
     loop {
         let line = rx.recv_timeout(Duration::from_secs(10)).expect("start line");
         if let Some(rest) = line.split("listen=[").nth(1) {

@@ -1,10 +1,10 @@
 //! Least connections, relative to weight; ties broken round-robin.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use super::{lighter, Strategy};
+use super::{lighter, rotate, Strategy};
 use crate::backend::Backend;
 
 /// Picks the available backend with the fewest active connections per unit
@@ -29,7 +29,7 @@ impl Strategy for LeastConnections {
         if n == 0 {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let start = rotate(&self.cursor, n);
         let mut best: Option<usize> = None;
         for k in 0..n {
             let i = (start + k) % n;
@@ -45,10 +45,7 @@ impl Strategy for LeastConnections {
     }
 
     fn pick_any(&self, n: usize, _client: SocketAddr) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        rotate(&self.cursor, n)
     }
 }
 

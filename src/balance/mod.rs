@@ -41,6 +41,14 @@ pub fn build(kind: StrategyKind, backends: &[Arc<Backend>]) -> Box<dyn Strategy>
     }
 }
 
+/// The next position of a rotating `cursor` over `n` backends (0 when empty).
+fn rotate(cursor: &std::sync::atomic::AtomicUsize, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n
+}
+
 /// The first available backend scanning from `start`, wrapping around.
 fn scan_from(backends: &[Arc<Backend>], start: usize) -> Option<usize> {
     let n = backends.len();

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{scan_from, Strategy};
+use super::{rotate, scan_from, Strategy};
 use crate::backend::Backend;
 
 /// Longest precomputed period; larger weight sums are scaled down to fit.
@@ -89,10 +89,7 @@ impl Strategy for RoundRobin {
     }
 
     fn pick_any(&self, n: usize, _client: SocketAddr) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        rotate(&self.cursor, n)
     }
 }
 

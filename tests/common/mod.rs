@@ -222,3 +222,44 @@ pub async fn http_request(
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// A child process that is killed and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` with stderr piped; returns it with a channel of its stderr lines.
+pub fn spawn_logged(cmd: &mut std::process::Command) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Proc(cmd.stderr(std::process::Stdio::piped()).spawn().expect("spawn"));
+    let stderr = child.0.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Reads an HTTP request head (up to the blank line, at most 8 KiB); None
+/// when the peer closes or errs first.
+pub async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => len += n,
+        }
+        if len == buf.len() {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
