@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion,
-    StrategyKind, Upstream,
+    SpliceMode, StrategyKind, Upstream,
 };
 
 const EXAMPLES: &str = "\
@@ -147,6 +147,12 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub dns_refresh: Duration,
 
+    /// Forward with splice(2) (zero copy): auto switches a direction to it
+    /// after 1 MiB; on from the first byte; off always copies (see
+    /// docs/benchmarks.md: on loopback it did not pay).
+    #[arg(long, conflicts_with = "config", value_enum, default_value = "off")]
+    pub splice: SpliceMode,
+
     /// Serve only clients in this network (CIDR or address). Repeatable.
     #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
     pub allow: Vec<ipnet::IpNet>,
@@ -256,6 +262,7 @@ impl Cli {
         listener.accept_proxy = self.accept_proxy;
         listener.dns_refresh = (!self.dns_refresh.is_zero()).then_some(self.dns_refresh);
         listener.access_log = self.access_log == Switch::On;
+        listener.splice = self.splice;
         listener.allow = self.allow;
         listener.deny = self.deny;
         let mut config = Config::single(listener);

@@ -18,9 +18,12 @@ use socket2::SockRef;
 use std::pin::Pin;
 use std::task::Poll;
 
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+
+use crate::config::SpliceMode;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -148,6 +151,7 @@ pub async fn splice(
     cancel: &CancellationToken,
     totals: (&AtomicU64, &AtomicU64),
     client_done: bool,
+    mode: SpliceMode,
 ) -> Outcome {
     let activity = Activity::new();
     let sent = AtomicU64::new(0);
@@ -155,8 +159,8 @@ pub async fn splice(
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
     let (end, error) = {
-        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity);
-        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity);
+        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity, mode);
+        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity, mode);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (client_done, false);
         loop {
@@ -210,20 +214,28 @@ pub fn reset_on_close(stream: &TcpStream) {
 }
 
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
+/// With splice(2) allowed, a bulk direction moves to a pipe (zero copy).
 async fn pump(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     counters: [&AtomicU64; 2],
     activity: &Activity,
+    mode: SpliceMode,
 ) -> Result<(), Fault> {
+    let mut pipe = match mode {
+        SpliceMode::On => Pipe::new(),
+        _ => None,
+    };
     // Bytes read but not yet written: only ever non-empty under backpressure.
     let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let written = match forward(from, to, &mut pending, |_| {}).await {
+    // Bytes this direction has moved, for the auto switch to splice.
+    let mut total = 0u64;
+    while pipe.is_none() {
+        let (read, written) = match forward(from, to, &mut pending, |_| {}).await {
             Step::Eof => break,
             Step::ReadError(e) => return Err(Fault::Read(e)),
             Step::WriteError(e) => return Err(Fault::Write(e)),
-            Step::Moved { written, .. } => written,
+            Step::Moved { read, written } => (read, written),
         };
         activity.touch();
         let mut moved = written as u64;
@@ -238,12 +250,101 @@ async fn pump(
         for c in counters {
             c.fetch_add(moved, Ordering::Relaxed);
         }
+        total += read as u64;
+        if mode == SpliceMode::Auto && total >= BULK {
+            // A bulk transfer: worth the pipe's two descriptors.
+            pipe = Pipe::new();
+        }
+    }
+    if let Some(pipe) = &pipe {
+        splice_loop(from.as_ref(), to.as_ref(), pipe, counters, activity).await?;
     }
     match to.shutdown().await {
         Ok(()) => Ok(()),
         // The peer is already gone entirely; its own direction reports why.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(Fault::Write(e)),
+    }
+}
+
+/// In auto mode, a direction switches to splice after this many bytes.
+const BULK: u64 = 1 << 20;
+
+/// A pipe for splice(2): both ends non-blocking.
+struct Pipe {
+    /// Read end.
+    r: std::os::fd::OwnedFd,
+    /// Write end.
+    w: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    /// A new pipe, or None (EMFILE, or the per-user pipe quota) to keep copying.
+    fn new() -> Option<Pipe> {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        match pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) {
+            Ok((r, w)) => Some(Pipe { r, w }),
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice: copying instead");
+                None
+            }
+        }
+    }
+}
+
+/// Moves `from` → `to` through `pipe` with splice(2) until EOF. The pipe is
+/// always drained completely before more is spliced in, so an EAGAIN when
+/// filling it means the socket is empty (never that the pipe is full), and an
+/// EAGAIN when draining means the destination is full.
+async fn splice_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    counters: [&AtomicU64; 2],
+    activity: &Activity,
+) -> Result<(), Fault> {
+    use rustix::pipe::{splice, SpliceFlags};
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    loop {
+        let n = loop {
+            from.readable().await.map_err(Fault::Read)?;
+            let r = from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe.w, None, SCRATCH, flags).map_err(io::Error::from)
+            });
+            match r {
+                Ok(n) => break n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Fault::Read(e)),
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        activity.touch();
+        let mut left = n;
+        while left > 0 {
+            to.writable().await.map_err(Fault::Write)?;
+            let r = to.try_io(Interest::WRITABLE, || {
+                splice(&pipe.r, None, to, None, left, flags).map_err(io::Error::from)
+            });
+            match r {
+                Ok(k) => left -= k.min(left),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Fault::Write(e)),
+            }
+        }
+        activity.touch();
+        for c in counters {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 

@@ -304,6 +304,7 @@ async fn run(
         cancel,
         up.backend.byte_counters(),
         client_done,
+        cfg.splice,
     )
     .await;
     Finish {

@@ -327,3 +327,31 @@ async fn several_listen_addresses_share_the_backends() {
     }
     let _: Vec<SocketAddr> = lb.addrs.clone();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_splice_mode_moves_bytes_identically_with_half_close() {
+    use tcplb::config::SpliceMode;
+    let (echo, _) = echo_backend().await;
+    for mode in [SpliceMode::On, SpliceMode::Auto, SpliceMode::Off] {
+        let mut l = listener(&[echo]);
+        l.splice = mode;
+        l.protocol = Protocol::Tcp;
+        let lb = start_one(l).await;
+        // Bulk (auto switches to splice after 1 MiB) and small.
+        for (len, seed) in [(8 << 20, 11u64), (1000, 12)] {
+            let data = random_bytes(len, seed);
+            let want = digest(&data);
+            let got = tokio::time::timeout(Duration::from_secs(30), echo_through(lb.addr, data))
+                .await
+                .expect("echo timed out");
+            assert_eq!(digest(&got), want, "{mode:?} {len}");
+        }
+        // Counters see spliced bytes too.
+        let b = &lb.backends[0];
+        assert!(
+            eventually(T, || b.bytes() == ((8 << 20) + 1000, (8 << 20) + 1000)).await,
+            "{mode:?}: {:?}",
+            b.bytes()
+        );
+    }
+}

@@ -13,8 +13,8 @@ use toml::{Spanned, Value};
 
 use super::{
     parse_cidr, parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config,
-    HealthCheck, ListenerConfig, Protocol, StrategyKind, Upstream, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
+    HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -91,6 +91,7 @@ struct RawListener {
     send_proxy: Option<Spanned<String>>,
     accept_proxy: Option<bool>,
     access_log: Option<bool>,
+    splice: Option<Spanned<String>>,
     allow: Option<Vec<Spanned<String>>>,
     deny: Option<Vec<Spanned<String>>>,
     backlog: Option<Spanned<i64>>,
@@ -416,6 +417,13 @@ impl Validator<'_> {
         }
         if let Some(a) = r.access_log {
             lc.access_log = a;
+        }
+        if let Some(m) = &r.splice {
+            match <SpliceMode as clap::ValueEnum>::from_str(m.get_ref(), false) {
+                Ok(mode) => lc.splice = mode,
+                Err(_) => self
+                    .error(m.span(), format!("splice '{}' must be auto, on or off", m.get_ref())),
+            }
         }
         for (list, out) in [(&r.allow, &mut lc.allow), (&r.deny, &mut lc.deny)] {
             if let Some(list) = list {

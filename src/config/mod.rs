@@ -103,6 +103,8 @@ pub struct ListenerConfig {
     pub dns_refresh: Option<Duration>,
     /// Write one access-log event (info, target `tcplb::access`) per connection.
     pub access_log: bool,
+    /// Zero-copy forwarding with splice(2).
+    pub splice: SpliceMode,
     /// When not empty, only clients in these networks are served.
     pub allow: Vec<IpNet>,
     /// Clients in these networks are closed right after accept (wins over allow).
@@ -155,6 +157,7 @@ impl ListenerConfig {
             accept_proxy: false,
             dns_refresh: Some(DEFAULT_DNS_REFRESH),
             access_log: true,
+            splice: SpliceMode::Off,
             allow: Vec::new(),
             deny: Vec::new(),
         }
@@ -240,6 +243,18 @@ impl StrategyKind {
             StrategyKind::Maglev => "maglev",
         }
     }
+}
+
+/// When to forward with splice(2) through a pipe instead of copying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// Copy; switch a direction to splice once it has moved 1 MiB (bulk).
+    Auto,
+    /// Splice every direction from its first byte.
+    On,
+    /// Always copy through user space.
+    Off,
 }
 
 /// PROXY protocol version.
