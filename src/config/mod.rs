@@ -478,13 +478,20 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// Parses a duration such as `3s`, `500ms`, `1h30m`; `0` is zero.
+/// Longest duration accepted anywhere: deadlines are computed as now + d.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses a duration such as `3s`, `500ms`, `1h30m`; `0` is zero; at most 10 years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration ({e}): expected e.g. 500ms, 3s, 1h"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}): expected e.g. 500ms, 3s, 1h"))?;
+    if d > MAX_DURATION {
+        return Err(format!("'{s}' is too long: at most 10 years"));
+    }
+    Ok(d)
 }
 
 /// Parses a count that must be at least one.
@@ -531,6 +538,7 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("soon").unwrap_err().contains("'soon'"));
+        assert!(parse_duration("100000000h").unwrap_err().contains("too long"));
     }
 
     #[test]
