@@ -161,9 +161,18 @@ fn spawn_listening(
     upstream: &str,
     extra: &[&str],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    spawn_listening_on("127.0.0.1:0", upstream, extra)
+}
+
+/// Like [`spawn_listening`] on a given address.
+fn spawn_listening_on(
+    listen: &str,
+    upstream: &str,
+    extra: &[&str],
+) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
     let (child, rx) = spawn_logged(
         Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--health-check", "none"])
+            .args(["--listen", listen, "--upstream", upstream, "--health-check", "none"])
             .args(extra)
             .env_remove("RUST_LOG"),
     );
@@ -263,4 +272,50 @@ fn second_sigint_exits_at_once() {
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(130));
     let mut b = [0u8; 1];
     let _ = conn.read(&mut b);
+}
+
+#[test]
+fn upgrade_in_place_a_second_instance_takes_over_the_port() {
+    use std::io::{Read, Write};
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = echo.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let round_trip = |addr: &str| -> bool {
+        let Ok(mut c) = std::net::TcpStream::connect(addr) else { return false };
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 2];
+        c.write_all(b"up").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"up"
+    };
+    let (mut old, addr, _l1) = spawn_listening(&upstream, &["--drain-timeout", "20s"]);
+    // A long connection on the old instance must survive the hand-over.
+    let mut long = std::net::TcpStream::connect(&addr).unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    long.write_all(b"1").unwrap();
+    let mut one = [0u8; 1];
+    long.read_exact(&mut one).unwrap();
+    // The new version binds the same address next to the old one (SO_REUSEPORT).
+    let (_new, addr2, _l2) = spawn_listening_on(&addr, &upstream, &[]);
+    assert_eq!(addr, addr2);
+    signal(&old, "-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..20 {
+        assert!(round_trip(&addr), "new connections are served by the new instance");
+    }
+    assert!(old.0.try_wait().unwrap().is_none(), "the old instance drains its connection");
+    long.write_all(b"2").unwrap();
+    long.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"2");
+    drop(long);
+    // The old instance drains whatever it held, then exits 0.
+    assert_eq!(wait_exit(&mut old, Duration::from_secs(10)), Some(0));
+    assert!(round_trip(&addr));
 }
