@@ -10,6 +10,12 @@
 //! [`health`] probes run beside the path and only flip per-backend atomics
 //! that selection reads; [`shutdown`] turns signals into a drain.
 //!
+//! The data plane is thread-per-core: each worker thread runs a
+//! current-thread runtime with its own SO_REUSEPORT socket per listen
+//! address, and a connection lives on the worker that accepted it. The
+//! control plane (reload, DNS refresh, probes, admin) runs on the caller's
+//! runtime and only swaps shared snapshots that connections read lock-free.
+//!
 //! Module map:
 //! - [`admin`]: the admin HTTP endpoint (hyper): metrics, readiness, status, drain.
 //! - [`cli`]: the command line (clap derive); no logic.
@@ -23,7 +29,7 @@
 //! - [`balance`]: selection strategies behind one small trait.
 //! - [`health`]: rise/fall tracking, active probes, passive failures.
 //! - [`proxy`]: the per-connection task: connect with retry, then splice.
-//! - [`duplex`]: the bidirectional byte pump.
+//! - [`duplex`]: the bidirectional byte pump (copy, or splice(2) on request).
 //! - [`http`]: the HTTP peek and synthesized responses.
 //! - [`replay`]: the first exchange, held so an idempotent request can be replayed.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
