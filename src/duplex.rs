@@ -257,7 +257,8 @@ async fn pump(
         }
     }
     if let Some(pipe) = &pipe {
-        splice_loop(from.as_ref(), to.as_ref(), pipe, counters, activity).await?;
+        // Boxed: its state would otherwise sit in every connection's future.
+        Box::pin(splice_loop(from.as_ref(), to.as_ref(), pipe, counters, activity)).await?;
     }
     match to.shutdown().await {
         Ok(()) => Ok(()),
