@@ -1,6 +1,6 @@
 //! Real software no one here wrote: redis-benchmark through tcplb to two
 //! redis-server processes. Needs the Debian packages redis-server and
-//! redis-tools (scripts/test.sh installs them); skips loudly without them,
+//! redis-tools (scripts/install-test-deps.sh installs them); skips loudly without them,
 //! except in CI where their absence is a failure.
 
 mod common;
@@ -66,9 +66,9 @@ async fn redis_benchmark_through_tcplb() {
     if !(have("redis-server") && have("redis-benchmark") && have("redis-cli")) {
         assert!(
             std::env::var_os("CI").is_none(),
-            "redis-server/redis-tools missing in CI: scripts/test.sh must install them"
+            "redis-server/redis-tools missing in CI: scripts/install-test-deps.sh must install them"
         );
-        eprintln!("\n*** SKIPPED redis_benchmark_through_tcplb: install redis-server and redis-tools (scripts/test.sh does) ***\n");
+        eprintln!("\n*** SKIPPED redis_benchmark_through_tcplb: install redis-server and redis-tools (scripts/install-test-deps.sh does) ***\n");
         return;
     }
     let (_r1, a) = start_redis();

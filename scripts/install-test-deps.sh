@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need first (redis-server
-# and redis-tools from Debian, for the redis-benchmark test) when missing.
+# Installs what the test suite needs when missing: redis-server and
+# redis-tools from Debian, for the redis-benchmark test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,4 +20,3 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-cargo test --locked --all-targets
