@@ -419,6 +419,25 @@ pub async fn forward(
     .await
 }
 
+/// Waits until `deadline` for `stream` to have bytes and reads them into
+/// `buf`: `Some(0)` is end of stream, `None` a timeout or an error.
+pub async fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> Option<usize> {
+    let read = tokio::time::timeout_at(deadline, async {
+        loop {
+            stream.readable().await?;
+            match stream.try_read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                r => return r,
+            }
+        }
+    });
+    read.await.ok()?.ok()
+}
+
 /// Writes all of `data` to `to`, waiting for writability (backpressure).
 pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {

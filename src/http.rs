@@ -6,9 +6,9 @@ use std::io;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 
-use crate::duplex::write_all;
+use crate::duplex::{read_by, write_all};
 
 /// Most bytes looked at to recognise a request line.
 pub const PEEK_LIMIT: usize = 4096;
@@ -122,26 +122,16 @@ pub fn sniff(buf: &[u8]) -> Sniff {
 pub async fn sniff_client(client: &TcpStream, held: &[u8], deadline: Instant) -> Sniff {
     let mut buf = Vec::with_capacity(PEEK_LIMIT);
     buf.extend_from_slice(&held[..held.len().min(PEEK_LIMIT)]);
+    // On the heap: a stack array would live in every connection's future.
+    let mut chunk = vec![0u8; 1024];
     loop {
         match sniff(&buf) {
             Sniff::NeedMore => {}
             decided => return decided,
         }
-        let read = timeout_at(deadline, async {
-            client.readable().await?;
-            // On the heap: a stack array would live in every connection's future.
-            let mut chunk = vec![0u8; 1024];
-            let room = (PEEK_LIMIT - buf.len()).min(chunk.len());
-            match client.try_read(&mut chunk[..room]) {
-                Ok(n) => Ok(Some(chunk[..n].to_vec())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .await;
-        match read {
-            Ok(Ok(Some(bytes))) if !bytes.is_empty() => buf.extend_from_slice(&bytes),
-            Ok(Ok(None)) => {}
+        let room = (PEEK_LIMIT - buf.len()).min(chunk.len());
+        match read_by(client, &mut chunk[..room], deadline).await {
+            Some(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             // EOF, error or timeout with the request line still incomplete.
             _ => return Sniff::NotHttp,
         }
@@ -157,17 +147,8 @@ pub async fn respond(client: &TcpStream, status: Status, head_request: bool) -> 
     let mut discarded = 0;
     let mut chunk = vec![0u8; 4096];
     while discarded < LINGER_LIMIT {
-        let read = timeout_at(deadline, async {
-            client.readable().await?;
-            match client.try_read(&mut chunk) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(usize::MAX),
-                r => r,
-            }
-        })
-        .await;
-        match read {
-            Ok(Ok(usize::MAX)) => continue,
-            Ok(Ok(n)) if n > 0 => discarded += n,
+        match read_by(client, &mut chunk, deadline).await {
+            Some(n) if n > 0 => discarded += n,
             _ => break,
         }
     }

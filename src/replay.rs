@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::duplex::{forward, Step, Timeouts};
+use crate::duplex::{forward, read_by, Step, Timeouts};
 use crate::http::{self, Sniff};
 
 /// Most client bytes held for a replay.
@@ -87,19 +87,13 @@ impl Held {
         let mut extra = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
         while self.tracking && !self.client_done && verdict(&self.bytes) == Verdict::NeedMore {
-            let read = tokio::time::timeout_at(deadline, async {
-                client.readable().await?;
-                client.try_read(&mut chunk)
-            })
-            .await;
-            match read {
-                Ok(Ok(0)) => self.client_done = true,
-                Ok(Ok(n)) => {
+            match read_by(client, &mut chunk, deadline).await {
+                Some(0) => self.client_done = true,
+                Some(n) => {
                     extra.extend_from_slice(&chunk[..n]);
                     self.record(&chunk[..n]);
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                _ => break,
+                None => break,
             }
         }
         extra
