@@ -77,6 +77,18 @@ struct Upstream {
     _slot: ActiveGuard,
 }
 
+/// An address, or `-` when there is none (formatted only if logged).
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// How a connection ended, for the access log.
 struct Finish {
     /// The backend it ended on, if any.
@@ -106,17 +118,13 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let snap = svc.snapshot();
-    // getsockname costs a syscall: only PROXY headers need the destination.
-    let cfg = &snap.config;
-    let needs_local = cfg.accept_proxy
-        || cfg.send_proxy.is_some()
-        || cfg.upstreams.iter().any(|u| u.send_proxy.is_some());
-    let destination = if needs_local { client.local_addr().unwrap_or(peer) } else { peer };
+    let destination =
+        if snap.needs_destination { client.local_addr().unwrap_or(peer) } else { peer };
     let mut ends = Endpoints { client: peer, destination };
     let finish = run(&svc, &snap, &mut client, &mut ends, started, &cancel).await;
     let duration = started.elapsed();
     svc.stats.connection_duration.observe(duration);
-    let backend = finish.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+    let backend = OrDash(finish.backend);
     let error = finish.error.as_ref().map(tracing::field::display);
     // One event, at info on the access-log target, or at debug when it is off.
     macro_rules! connection_event {

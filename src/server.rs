@@ -603,7 +603,7 @@ impl Runtime {
             "DNS change: backends updated"
         );
         let pool = Pool::new(assembled.backends, snap.config.strategy);
-        service.replace(Snapshot { config: snap.config.clone(), pool });
+        service.replace(Snapshot::new(snap.config.clone(), pool));
         self.commit_backends(service, &assembled.added, &assembled.removed);
     }
 
@@ -667,7 +667,7 @@ impl Runtime {
                         || !p.assembled.removed.is_empty();
                     l_changed += changed as usize;
                     let pool = Pool::new(p.assembled.backends, p.config.strategy);
-                    lr.service.replace(Snapshot { config: p.config.clone(), pool });
+                    lr.service.replace(Snapshot::new(p.config.clone(), pool));
                     self.commit_backends(&lr.service, &p.assembled.added, &p.assembled.removed);
                     // Close sockets whose address is gone; start the new ones.
                     lr.sockets.retain(|b| {

@@ -20,6 +20,19 @@ pub struct Snapshot {
     pub config: ListenerConfig,
     /// Its backends and strategy.
     pub pool: Pool,
+    /// Some connection needs the address the client connected to (a PROXY
+    /// header goes out or comes in): only then is getsockname worth a syscall.
+    pub needs_destination: bool,
+}
+
+impl Snapshot {
+    /// A snapshot of `config` and `pool`, with what connections derive from them.
+    pub fn new(config: ListenerConfig, pool: Pool) -> Self {
+        let needs_destination = config.accept_proxy
+            || config.send_proxy.is_some()
+            || config.upstreams.iter().any(|u| u.send_proxy.is_some());
+        Snapshot { config, pool, needs_destination }
+    }
 }
 
 /// A listener's shared state, read by its accept loops, connections and probes.
@@ -43,7 +56,7 @@ impl Service {
     pub fn new(config: ListenerConfig, pool: Pool) -> Self {
         Service {
             name: config.name.as_str().into(),
-            current: ArcSwap::from_pointee(Snapshot { config, pool }),
+            current: ArcSwap::from_pointee(Snapshot::new(config, pool)),
             panic: AtomicBool::new(false),
             stats: ListenerStats::default(),
             bound: Mutex::new(Vec::new()),

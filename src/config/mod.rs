@@ -57,6 +57,17 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
     }
+
+    /// A configuration with one listener and every global default.
+    pub fn single(listener: ListenerConfig) -> Self {
+        Config {
+            listeners: vec![listener],
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            admin: None,
+            threads: None,
+        }
+    }
 }
 
 /// The admin endpoint's settings.
@@ -123,21 +134,7 @@ impl ListenerConfig {
         }
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
     }
-}
 
-/// Parses a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let t = s.trim();
-    if let Ok(net) = t.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    Err(format!("'{s}' is not a network: expected e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7"))
-}
-
-impl ListenerConfig {
     /// A listener with every default, for the given addresses and upstreams.
     pub fn new(name: impl Into<String>, listen: Vec<SocketAddr>, upstreams: Vec<Upstream>) -> Self {
         ListenerConfig {
@@ -164,17 +161,16 @@ impl ListenerConfig {
     }
 }
 
-impl Config {
-    /// A configuration with one listener and every global default.
-    pub fn single(listener: ListenerConfig) -> Self {
-        Config {
-            listeners: vec![listener],
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            admin: None,
-            threads: None,
-        }
+/// Parses a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Ok(net.trunc());
     }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("'{s}' is not a network: expected e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7"))
 }
 
 /// What tcplb may say on its own when it cannot forward a connection.
