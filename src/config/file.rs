@@ -14,7 +14,6 @@ use toml::{Spanned, Value};
 use super::{
     parse_cidr, parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config,
     HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -165,13 +164,7 @@ impl Validator<'_> {
     }
 
     fn file(&mut self, raw: RawFile) -> Config {
-        let mut config = Config {
-            listeners: Vec::new(),
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            admin: None,
-            threads: None,
-        };
+        let mut config = Config::default();
         if let Some(d) = &raw.drain_timeout {
             config.drain_timeout =
                 self.duration(d, "drain_timeout").unwrap_or(config.drain_timeout);

@@ -60,8 +60,15 @@ impl Config {
 
     /// A configuration with one listener and every global default.
     pub fn single(listener: ListenerConfig) -> Self {
+        Config { listeners: vec![listener], ..Config::default() }
+    }
+}
+
+impl Default for Config {
+    /// No listener, every global default.
+    fn default() -> Self {
         Config {
-            listeners: vec![listener],
+            listeners: Vec::new(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin: None,
