@@ -6,7 +6,7 @@ mod common;
 use common::{spawn_logged, Proc};
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -40,21 +40,6 @@ fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::
     }
 }
 
-fn echo_server() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    addr
-}
-
 fn one_exchange(addr: &str) -> std::net::SocketAddr {
     let mut c = TcpStream::connect(addr).unwrap();
     let me = c.local_addr().unwrap();
@@ -68,7 +53,7 @@ fn one_exchange(addr: &str) -> std::net::SocketAddr {
 
 #[test]
 fn one_json_access_event_per_connection() {
-    let backend = echo_server();
+    let backend = common::thread_echo_server().to_string();
     let (_p, addr, logs) = start(&backend, &[]);
     let me = one_exchange(&addr);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -92,7 +77,7 @@ fn one_json_access_event_per_connection() {
 
 #[test]
 fn access_log_off() {
-    let backend = echo_server();
+    let backend = common::thread_echo_server().to_string();
     let (_p, addr, logs) = start(&backend, &["--access-log", "off"]);
     one_exchange(&addr);
     one_exchange(&addr);

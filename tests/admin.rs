@@ -124,10 +124,8 @@ async fn readyz_flips_to_503_on_shutdown_while_a_connection_drains() {
     assert_eq!(http_request(admin, "GET", "/healthz", "").await.0, 200);
     assert_eq!(http_request(admin, "GET", "/readyz", "").await, (200, "ready\n".into()));
 
-    let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    s.write_all(b"a").await.unwrap();
+    let mut s = established(lb.addr).await;
     let mut b = [0u8; 1];
-    s.read_exact(&mut b).await.unwrap();
     lb.shutdown();
     let admin_ok = async {
         loop {

@@ -208,18 +208,7 @@ fn wait_exit(child: &mut Proc, limit: Duration) -> Option<i32> {
 #[test]
 fn sigterm_drains_then_exits_zero() {
     use std::io::{Read, Write};
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream = echo.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in echo.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
+    let upstream = common::thread_echo_server().to_string();
     let (mut child, addr, _logs) = spawn_listening(&upstream, &["--drain-timeout", "20s"]);
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -277,18 +266,7 @@ fn second_sigint_exits_at_once() {
 #[test]
 fn upgrade_in_place_a_second_instance_takes_over_the_port() {
     use std::io::{Read, Write};
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream = echo.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in echo.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
+    let upstream = common::thread_echo_server().to_string();
     let round_trip = |addr: &str| -> bool {
         let Ok(mut c) = std::net::TcpStream::connect(addr) else { return false };
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

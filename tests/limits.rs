@@ -98,17 +98,7 @@ fn a_client_that_never_reads_costs_bounded_memory() {
 
 #[test]
 fn out_of_file_descriptors_neither_crashes_nor_spins_and_recovers() {
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = backend.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in backend.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
+    let addr = common::thread_echo_server();
     // Room for the runtime and a handful of connections only.
     let (child, lb, logs) = start(addr, "ulimit -n 48;", "--max-connections 1000 --threads 2");
     let pid = child.0.id();

@@ -269,10 +269,8 @@ async fn drain_refuses_new_connects_and_lets_established_finish() {
     let mut config = Config::single(listener(&[echo]));
     config.drain_timeout = Duration::from_secs(20);
     let mut lb = start(config).await;
-    let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    s.write_all(b"a").await.unwrap();
+    let mut s = established(lb.addr).await;
     let mut b = [0u8; 1];
-    s.read_exact(&mut b).await.unwrap();
 
     lb.shutdown();
     let refused = async {
@@ -304,10 +302,7 @@ async fn drain_timeout_closes_what_remains() {
     let mut config = Config::single(listener(&[echo]));
     config.drain_timeout = Duration::from_millis(200);
     let mut lb = start(config).await;
-    let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    s.write_all(b"a").await.unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).await.unwrap();
+    let mut s = established(lb.addr).await;
     lb.shutdown();
     tokio::time::timeout(T, &mut lb.task).await.expect("exits at the drain deadline").unwrap();
     let mut rest = Vec::new();

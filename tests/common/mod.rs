@@ -263,3 +263,34 @@ pub async fn read_head(s: &mut TcpStream) -> Option<String> {
     }
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
+
+/// A plain-threads echo backend (for tests that drive the binary without a
+/// runtime): echoes every byte and half-closes when the client does.
+pub fn thread_echo_server() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let addr = l.local_addr().expect("echo address");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to `addr` and completes one echoed byte, so the connection is
+/// known to be proxied end to end.
+pub async fn established(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect to tcplb");
+    s.write_all(b"a").await.expect("write");
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .expect("echo timed out")
+        .expect("echo");
+    assert_eq!(&b, b"a");
+    s
+}
