@@ -147,10 +147,10 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
     pub dns_refresh: Duration,
 
-    /// Forward with splice(2) (zero copy): auto switches a direction to it
-    /// after 1 MiB; on from the first byte; off always copies (see
-    /// docs/benchmarks.md: on loopback it did not pay).
-    #[arg(long, conflicts_with = "config", value_enum, default_value = "off")]
+    /// Forward with splice(2) through a 1 MiB pipe (zero copy): auto
+    /// switches a direction to it once it has moved 1 MiB (bulk); on from
+    /// the first byte; off always copies through user space.
+    #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
     pub splice: SpliceMode,
 
     /// Serve only clients in this network (CIDR or address). Repeatable.

@@ -271,20 +271,32 @@ async fn pump(
 /// In auto mode, a direction switches to splice after this many bytes.
 const BULK: u64 = 1 << 20;
 
+/// The capacity asked for each splice pipe: Linux's default `pipe-max-size`.
+/// Measured against the default 64 KiB pipe with one iperf3 stream, 1 MiB
+/// moved 18% more (fewer, larger splices); see docs/benchmarks.md.
+const PIPE_SIZE: usize = 1 << 20;
+
 /// A pipe for splice(2): both ends non-blocking.
 struct Pipe {
     /// Read end.
     r: std::os::fd::OwnedFd,
     /// Write end.
     w: std::os::fd::OwnedFd,
+    /// Its capacity in bytes: the most one splice into it can move.
+    size: usize,
 }
 
 impl Pipe {
-    /// A new pipe, or None (EMFILE, or the per-user pipe quota) to keep copying.
+    /// A new pipe of [`PIPE_SIZE`], or None to keep copying: out of
+    /// descriptors, or past the per-user pipe quota (`pipe-user-pages-soft`),
+    /// where Linux hands out two-page pipes that would move less per call
+    /// than a plain copy does.
     fn new() -> Option<Pipe> {
-        use rustix::pipe::{pipe_with, PipeFlags};
-        match pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) {
-            Ok((r, w)) => Some(Pipe { r, w }),
+        use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
+        let made = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
+            .and_then(|(r, w)| fcntl_setpipe_size(&w, PIPE_SIZE).map(|size| Pipe { r, w, size }));
+        match made {
+            Ok(pipe) => Some(pipe),
             Err(e) => {
                 tracing::debug!(error = %e, "no pipe for splice: copying instead");
                 None
@@ -310,7 +322,7 @@ async fn splice_loop(
         let n = loop {
             from.readable().await.map_err(Fault::Read)?;
             let r = from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.w, None, SCRATCH, flags).map_err(io::Error::from)
+                splice(from, None, &pipe.w, None, pipe.size, flags).map_err(io::Error::from)
             });
             match r {
                 Ok(n) => break n,

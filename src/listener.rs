@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,10 @@ fn bind_std(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std:
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    // Linux copies both into every accepted socket: two setsockopt calls per
+    // listener instead of two per connection.
+    socket.set_nodelay(true)?;
+    socket.set_keepalive(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
@@ -153,8 +157,6 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                     info!(listener = %svc.name, failed = failures, "accepting again");
                     failures = 0;
                 }
-                let _ = stream.set_nodelay(true);
-                let _ = SockRef::from(&stream).set_keepalive(true);
                 debug!(listener = %svc.name, client = %peer, "accepted");
                 let svc = Arc::clone(&svc);
                 let kill = ctx.kill.clone();
@@ -195,6 +197,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::SockRef;
 
     #[tokio::test]
     async fn a_panicking_connection_task_is_contained_and_counted() {
@@ -204,5 +207,28 @@ mod tests {
         assert!(panicked);
         assert!(!contain_panic("t", peer, async {}).await);
         assert_eq!(crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed), before + 1);
+    }
+
+    #[test]
+    fn accepted_clients_inherit_nodelay_and_keepalive_from_the_listener() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let group = bind_group(addr.parse().unwrap(), 16, 2).unwrap();
+            let addr = group[0].local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            // SO_REUSEPORT spreads clients over the group: poll every socket.
+            let accepted = (0..200)
+                .find_map(|_| {
+                    let got = group.iter().find_map(|l| l.accept().ok());
+                    if got.is_none() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    got
+                })
+                .expect("the client was never accepted")
+                .0;
+            let s = SockRef::from(&accepted);
+            assert!(s.nodelay().unwrap(), "{addr}: TCP_NODELAY not inherited");
+            assert!(s.keepalive().unwrap(), "{addr}: SO_KEEPALIVE not inherited");
+        }
     }
 }

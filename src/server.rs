@@ -493,7 +493,10 @@ impl Runtime {
             limit: Arc::clone(&self.limit),
             tracker: self.connections.clone(),
             stop,
-            kill: self.kill.clone(),
+            // A child per accept loop, so one worker's connections share its
+            // node: polling a token locks the node's mutex on every wake-up,
+            // and a shared node would bounce between cores on every message.
+            kill: self.kill.child_token(),
         }
     }
 

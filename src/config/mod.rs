@@ -161,7 +161,7 @@ impl ListenerConfig {
             accept_proxy: false,
             dns_refresh: Some(DEFAULT_DNS_REFRESH),
             access_log: true,
-            splice: SpliceMode::Off,
+            splice: SpliceMode::Auto,
             allow: Vec::new(),
             deny: Vec::new(),
         }
