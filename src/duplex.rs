@@ -11,7 +11,7 @@
 //! failure instead of a clean end of stream.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -101,17 +101,25 @@ enum Fault {
     Write(io::Error),
 }
 
-/// The last time a byte moved, shared by both directions and the idle watch.
+/// What both directions share: the last time a byte moved (for the idle
+/// watch) and how many directions have reached their EOF.
 struct Activity {
     /// Reference point for `last_ms`.
     start: Instant,
     /// Milliseconds after `start` of the last byte moved.
     last_ms: AtomicU64,
+    /// Directions that have seen EOF.
+    ended: AtomicU8,
 }
 
 impl Activity {
-    fn new() -> Self {
-        Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
+    fn new(ended: u8) -> Self {
+        Activity { start: Instant::now(), last_ms: AtomicU64::new(0), ended: AtomicU8::new(ended) }
+    }
+
+    /// Records one direction's EOF; true when the other had already ended.
+    fn end_is_last(&self) -> bool {
+        self.ended.fetch_add(1, Ordering::Relaxed) >= 1
     }
 
     fn touch(&self) {
@@ -153,7 +161,7 @@ pub async fn splice(
     client_done: bool,
     mode: SpliceMode,
 ) -> Outcome {
-    let activity = Activity::new();
+    let activity = Activity::new(u8::from(client_done));
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let (mut cr, mut cw) = client.split();
@@ -259,6 +267,12 @@ async fn pump(
     if let Some(pipe) = &pipe {
         // Boxed: its state would otherwise sit in every connection's future.
         Box::pin(splice_loop(from.as_ref(), to.as_ref(), pipe, counters, activity)).await?;
+    }
+    if activity.end_is_last() {
+        // Both directions are done and both sockets are about to be closed:
+        // close() sends the FIN (nothing is left unread, so never a RST),
+        // which saves a shutdown(2) per connection.
+        return Ok(());
     }
     match to.shutdown().await {
         Ok(()) => Ok(()),

@@ -122,6 +122,8 @@ pub async fn serve(
         if snap.needs_destination { client.local_addr().unwrap_or(peer) } else { peer };
     let mut ends = Endpoints { client: peer, destination };
     let finish = run(&svc, &snap, &mut client, &mut ends, started, &cancel).await;
+    // Close before logging: the last direction to end leaves its FIN to close().
+    drop(client);
     let duration = started.elapsed();
     svc.stats.connection_duration.observe(duration);
     let backend = OrDash(finish.backend);
