@@ -168,7 +168,7 @@ CONF
 sleep 1
 
 # --- workloads
-wrk_run() { # port extra-header -> "rps p50_ms p99_ms"
+wrk_run() { # port extra-header -> "rps p50_ms p99_ms requests"
     local out
     if [ -n "$2" ]; then
         out=$(wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1/")
@@ -188,15 +188,16 @@ try:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
 except AttributeError:
     print("unparsable wrk output:\n" + out, file=sys.stderr)
-    print("0 nan nan")
+    print("0 nan nan 0")
     sys.exit(0)
 errs = re.search(r"Socket errors: (.*)", out)
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 if non2xx and int(non2xx.group(1)) > 0:
     rps = 0.0  # a proxy that fails requests does not get credit for them
-print(f"{rps:.0f} {p50:.3f} {p99:.3f}")
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {n}")
 PY
 }
 iperf_run() { # port streams -> Gbit/s
@@ -206,15 +207,46 @@ d = json.load(sys.stdin)
 print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))'
 }
 
+nginx_pids() { pgrep -P "$(cat "$WORK/nginx-lb.pid")" | tr '\n' ' '; cat "$WORK/nginx-lb.pid"; }
+proxy_pids() { # proxy -> its processes (none for direct)
+    case $1 in
+        haproxy | haproxy-splice) echo "$HAPROXY_PID" ;;
+        nginx) nginx_pids ;;
+        tcplb) echo "$TCPLB_PID" ;;
+    esac
+}
+cpu_ticks() { # pids... -> user + system clock ticks, all threads
+    local t=0 u s
+    for pid in "$@"; do
+        # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}')
+        t=$((t + u + s))
+    done
+    echo $t
+}
+cpu_us_per() { # ticks requests -> proxy CPU microseconds per request
+    python3 -c "import sys; t, n = int(sys.argv[1]), int(sys.argv[2]); print('%.1f' % (t * 1e6 / $(getconf CLK_TCK) / n) if n else 'nan')" "$1" "$2"
+}
+measured() { # proxy command... -> ticks the proxy spent during the command, then its output
+    local pids c0 c1 out
+    pids=$(proxy_pids "$1"); shift
+    [ -n "$pids" ] && c0=$(cpu_ticks $pids)
+    out=$("$@")
+    [ -n "$pids" ] && c1=$(cpu_ticks $pids)
+    echo "$([ -n "$pids" ] && echo $((c1 - c0)) || echo 0) $out"
+}
+
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for p in "${PROXIES[@]}"; do
-        read -r ka p50 p99 < <(wrk_run "${HTTP_PORT[$p]}" "")
-        read -r cl _ _ < <(wrk_run "${HTTP_PORT[$p]}" "Connection: close")
+        read -r t_ka ka p50 p99 n_ka < <(measured "$p" wrk_run "${HTTP_PORT[$p]}" "")
+        read -r t_cl cl _ _ n_cl < <(measured "$p" wrk_run "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
         i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
-        echo "$round $p $ka $cl $i1 $i8 $p50 $p99" | tee -a "$RESULTS" >&2
+        cpu_ka=$(cpu_us_per "$t_ka" "$n_ka"); cpu_cl=$(cpu_us_per "$t_cl" "$n_cl")
+        [ "$p" = direct ] && cpu_ka=nan && cpu_cl=nan
+        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -227,7 +259,6 @@ pss_kib() { # pids... -> summed Pss (KiB)
     done
     echo $t
 }
-nginx_pids() { pgrep -P "$(cat "$WORK/nginx-lb.pid")" | tr '\n' ' '; cat "$WORK/nginx-lb.pid"; }
 MEM=$WORK/memory.txt
 : > "$MEM"
 if [ -z "${SKIP_MEMORY:-}" ]; then
@@ -242,11 +273,7 @@ print("open", flush=True)
 time.sleep(hold)
 PY
     for p in haproxy nginx tcplb; do
-        case $p in
-            haproxy) pids="$HAPROXY_PID" ;;
-            nginx) pids=$(nginx_pids) ;;
-            tcplb) pids="$TCPLB_PID" ;;
-        esac
+        pids=$(proxy_pids $p)
         before=$(pss_kib $pids)
         python3 "$WORK/idle.py" "${IDLE_PORT[$p]}" "$IDLE_CONNS" 8 > "$WORK/idle.out" & idle=$!
         for _ in $(seq 1 100); do grep -q open "$WORK/idle.out" 2>/dev/null && break; sleep 0.2; done
@@ -260,11 +287,12 @@ fi
 
 # --- report
 python3 - "$RESULTS" "$MEM" "$IDLE_CONNS" <<'PY'
-import sys, statistics
+import math, sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 proxies = ["direct", "haproxy", "haproxy-splice", "nginx", "tcplb"]
 metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
-           ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7)]
+           ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
+           ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9)]
 rounds = sorted({r[0] for r in rows})
 def val(rnd, p, i):
     for r in rows:
@@ -277,18 +305,25 @@ def ratio(p, q_list, i, lower_better=False):
     for r in rounds:
         a = val(r, p, i)
         b = min(val(r, q, i) for q in q_list) if lower_better else max(val(r, q, i) for q in q_list)
+        if math.isnan(a) or math.isnan(b):
+            return None  # not measured (the direct path has no proxy CPU)
         rs.append((b / a if lower_better else a / b) if a and b else 0.0)
     return statistics.median(rs)
+def cell(v):
+    if v is None or math.isnan(v):
+        return "-"
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 peers = ["haproxy", "haproxy-splice", "nginx"]
 print(f"Medians of {len(rounds)} rounds (proxies interleaved in each round).\n")
 print("| metric | " + " | ".join(proxies) + " | tcplb / direct | tcplb / best peer |")
 print("|---|" + "---|" * (len(proxies) + 2))
 for name, i in metrics:
-    lower = name.startswith("p")
-    cells = [f"{med[(p, i)]:.2f}" if med[(p, i)] < 100 else f"{med[(p, i)]:.0f}" for p in proxies]
+    lower = name.startswith("p")  # latency and CPU: lower is better
+    cells = [cell(med[(p, i)]) for p in proxies]
     d = ratio("tcplb", ["direct"], i, lower)
     b = ratio("tcplb", peers, i, lower)
-    print(f"| {name} | " + " | ".join(cells) + f" | {d:.2f}x | {b:.2f}x |")
+    x = lambda r: "-" if r is None else f"{r:.2f}x"
+    print(f"| {name} | " + " | ".join(cells) + f" | {x(d)} | {x(b)} |")
 mem = [l.split() for l in open(sys.argv[2]) if l.strip()]
 if mem:
     n = int(sys.argv[3])
@@ -297,5 +332,5 @@ if mem:
     print("|---|---|---|---|")
     for p, before, after in mem:
         print(f"| {p} | {before} | {after} | {(int(after) - int(before)) / n:.2f} |")
-print("\nRatios are medians of per-round ratios; for latency, > 1 means tcplb is faster.")
+print("\nRatios are medians of per-round ratios; for latency and CPU, > 1 means tcplb is faster or cheaper.")
 PY
