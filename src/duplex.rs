@@ -418,6 +418,7 @@ pub async fn forward(
     std::future::poll_fn(|cx| {
         SCRATCH_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
+            let capacity = buf.len();
             let mut rb = ReadBuf::new(&mut buf[..]);
             match Pin::new(&mut *from).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
@@ -429,20 +430,41 @@ pub async fn forward(
                 return Poll::Ready(Step::Eof);
             }
             inspect(data);
-            let written = if pending.is_empty() {
+            // A short read drained the socket; if its FIN has already arrived
+            // too (tokio keeps "read closed" readiness after clearing
+            // "readable"), the next read is the EOF and the shutdown or close
+            // follows at once: send with MSG_MORE so the kernel puts these
+            // bytes and our FIN into one segment instead of two.
+            let last = data.len() < capacity && from.as_ref().poll_read_ready(cx).is_ready();
+            let written = if !pending.is_empty() {
+                0
+            } else if last {
+                match send_more(to.as_ref(), data) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Poll::Ready(Step::WriteError(e)),
+                }
+            } else {
                 match Pin::new(&mut *to).poll_write(cx, data) {
                     Poll::Ready(Ok(w)) => w,
                     Poll::Pending => 0,
                     Poll::Ready(Err(e)) => return Poll::Ready(Step::WriteError(e)),
                 }
-            } else {
-                0
             };
             pending.extend_from_slice(&data[written..]);
             Poll::Ready(Step::Moved { read: data.len(), written })
         })
     })
     .await
+}
+
+/// Writes what `to` takes now with MSG_MORE (the kernel holds the bytes
+/// back for what follows: here, the FIN); WouldBlock when it takes nothing.
+fn send_more(to: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    use rustix::net::{send, SendFlags};
+    to.try_io(Interest::WRITABLE, || {
+        send(to, data, SendFlags::MORE | SendFlags::NOSIGNAL).map_err(io::Error::from)
+    })
 }
 
 /// Waits until `deadline` for `stream` to have bytes and reads them into
