@@ -1,7 +1,8 @@
 //! The bidirectional byte pump between a client and a backend.
 //!
 //! Each direction runs until its own EOF, then shuts down the write half of
-//! the other socket (half-close), while the reverse direction keeps flowing.
+//! the other socket (half-close), while the reverse direction keeps flowing;
+//! the direction that ends last leaves its FIN to close().
 //! Bytes are read into a per-thread 64 KiB scratch buffer and written on at
 //! once; only what the destination cannot take right away is copied into a
 //! per-connection buffer, which is freed as soon as it is flushed. So a
@@ -221,7 +222,8 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write half
+/// (unless the other direction has ended too: then close() sends the FIN).
 /// With splice(2) allowed, a bulk direction moves to a pipe (zero copy).
 async fn pump(
     from: &mut ReadHalf<'_>,
