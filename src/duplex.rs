@@ -217,9 +217,13 @@ pub async fn splice(
     }
 }
 
-/// Makes the coming close of `stream` send RST instead of FIN.
+/// Makes the coming close of `stream` send RST instead of FIN. Bytes held
+/// back by MSG_MORE go out first: setting TCP_NODELAY pushes them (tcp(7)),
+/// and a RST would otherwise discard them.
 pub fn reset_on_close(stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    let sock = SockRef::from(stream);
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_linger(Some(Duration::ZERO));
 }
 
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write half

@@ -237,6 +237,39 @@ async fn backend_reset_closes_only_its_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_just_before_a_client_reset_reach_the_backend() {
+    // The client writes, then resets at once: tcplb sees the bytes and the
+    // reset together. It must pass the bytes on before it resets the backend.
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = serve(move |mut s| {
+        let _ = accepted_tx.send(());
+        let got_tx = got_tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            // Read until EOF or the reset that follows the bytes.
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+            let _ = got_tx.send(got);
+        }
+    })
+    .await;
+    let lb = start_one(listener(&[addr])).await;
+    for round in 0..20 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        tokio::time::timeout(T, accepted.recv()).await.expect("backend accepted");
+        let words = format!("last words {round}");
+        s.write_all(words.as_bytes()).await.unwrap();
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        let got = tokio::time::timeout(T, got_rx.recv()).await.expect("backend done").unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), words, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_new_clients_wait_then_proceed() {
     let (echo, _) = echo_backend().await;
     let mut config = Config::single(listener(&[echo]));
