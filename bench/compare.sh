@@ -7,6 +7,7 @@
 #   bench/compare.sh                 # 3 rounds
 #   ROUNDS=5 DURATION=5 bench/compare.sh
 #   SKIP_MEMORY=1 bench/compare.sh   # skip the 10,000 idle connections test
+#   TCPLB_B=/tmp/tcplb-old bench/compare.sh   # A/B: a second tcplb build, as "tcplb-b"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -49,11 +50,12 @@ IDLE_CONNS=${IDLE_CONNS:-$(( MAXCONN < 10000 ? MAXCONN - 100 : 10000 ))}
 
 # Ports: backends 18081/18082, iperf3 18201; proxies below.
 B1=18081; B2=18082; IPERF=18201
-declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104)
-declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114)
-declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124)
+declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104 [tcplb-b]=18105)
+declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114 [tcplb-b]=18115)
+declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124 [tcplb-b]=18125)
 SINK=18301
 PROXIES=(direct haproxy haproxy-splice nginx tcplb)
+[ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
 # --- backends: two nginx HTTP servers with a short body, one iperf3 server.
 cat > "$WORK/nginx-be.conf" <<CONF
@@ -146,25 +148,31 @@ stream {
 CONF
 nginx -c "$WORK/nginx-lb.conf"
 
-cat > "$WORK/tcplb.toml" <<CONF
+tcplb_config() { # name -> its configuration file, on its ports
+    cat > "$WORK/$1.toml" <<CONF
 max_connections = $MAXCONN
 [defaults]
 protocol = "tcp"
 access_log = false
 [[listener]]
 name = "http"
-listen = "127.0.0.1:${HTTP_PORT[tcplb]}"
+listen = "127.0.0.1:${HTTP_PORT[$1]}"
 upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 [[listener]]
 name = "iperf"
-listen = "127.0.0.1:${IPERF_PORT[tcplb]}"
+listen = "127.0.0.1:${IPERF_PORT[$1]}"
 upstreams = ["127.0.0.1:$IPERF"]
 [[listener]]
 name = "idle"
-listen = "127.0.0.1:${IDLE_PORT[tcplb]}"
+listen = "127.0.0.1:${IDLE_PORT[$1]}"
 upstreams = ["127.0.0.1:$SINK"]
 CONF
-"$TCPLB" --config "$WORK/tcplb.toml" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
+    echo "$WORK/$1.toml"
+}
+"$TCPLB" --config "$(tcplb_config tcplb)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
+if [ -n "${TCPLB_B:-}" ]; then
+    "$TCPLB_B" --config "$(tcplb_config tcplb-b)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_B_PID=$!
+fi
 sleep 1
 
 # --- workloads
@@ -213,6 +221,7 @@ proxy_pids() { # proxy -> its processes (none for direct)
         haproxy | haproxy-splice) echo "$HAPROXY_PID" ;;
         nginx) nginx_pids ;;
         tcplb) echo "$TCPLB_PID" ;;
+        tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
 cpu_ticks() { # pids... -> user + system clock ticks, all threads
@@ -272,7 +281,8 @@ for i in range(n):
 print("open", flush=True)
 time.sleep(hold)
 PY
-    for p in haproxy nginx tcplb; do
+    for p in "${PROXIES[@]}"; do
+        [ "$p" = direct ] || [ "$p" = haproxy-splice ] && continue
         pids=$(proxy_pids $p)
         before=$(pss_kib $pids)
         python3 "$WORK/idle.py" "${IDLE_PORT[$p]}" "$IDLE_CONNS" 8 > "$WORK/idle.out" & idle=$!
@@ -290,6 +300,9 @@ python3 - "$RESULTS" "$MEM" "$IDLE_CONNS" <<'PY'
 import math, sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 proxies = ["direct", "haproxy", "haproxy-splice", "nginx", "tcplb"]
+ab = "tcplb-b" in {r[1] for r in rows}  # a second build (TCPLB_B), for A/B
+if ab:
+    proxies.append("tcplb-b")
 metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
            ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
            ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9)]
@@ -326,12 +339,14 @@ for name, i in metrics:
     print(f"| {name} | " + " | ".join(cells) + f" | {x(d)} | {x(b)} |")
 # The best of three noisy peers is biased upwards (a maximum of samples), so
 # also compare with each peer on its own: an equal proxy scores 1.0 here.
+others = peers + (["tcplb-b"] if ab else [])
 print("\ntcplb / each peer (median of per-round ratios):\n")
-print("| metric | " + " | ".join(peers) + " |")
-print("|---|" + "---|" * len(peers))
+print("| metric | " + " | ".join(others) + " |")
+print("|---|" + "---|" * len(others))
 for name, i in metrics:
     lower = name.startswith("p")
-    print(f"| {name} | " + " | ".join(f"{ratio('tcplb', [q], i, lower):.2f}x" for q in peers) + " |")
+    x = lambda r: "-" if r is None else f"{r:.2f}x"
+    print(f"| {name} | " + " | ".join(x(ratio("tcplb", [q], i, lower)) for q in others) + " |")
 mem = [l.split() for l in open(sys.argv[2]) if l.strip()]
 if mem:
     n = int(sys.argv[3])
