@@ -233,28 +233,25 @@ cpu_ticks() { # pids... -> user + system clock ticks, all threads
     done
     echo $t
 }
-cpu_us_per() { # ticks requests -> proxy CPU microseconds per request
-    python3 -c "import sys; t, n = int(sys.argv[1]), int(sys.argv[2]); print('%.1f' % (t * 1e6 / $(getconf CLK_TCK) / n) if n else 'nan')" "$1" "$2"
-}
-measured() { # proxy command... -> ticks the proxy spent during the command, then its output
-    local pids c0 c1 out
-    pids=$(proxy_pids "$1"); shift
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+wrk_cpu() { # proxy port extra-header -> "rps p50_ms p99_ms proxy-CPU-us-per-request" (nan: direct)
+    local pids c0=0 c1=0 rps p50 p99 n
+    pids=$(proxy_pids "$1")
     [ -n "$pids" ] && c0=$(cpu_ticks $pids)
-    out=$("$@")
+    read -r rps p50 p99 n < <(wrk_run "$2" "$3")
     [ -n "$pids" ] && c1=$(cpu_ticks $pids)
-    echo "$([ -n "$pids" ] && echo $((c1 - c0)) || echo 0) $out"
+    awk -v r="$rps $p50 $p99" -v t=$((c1 - c0)) -v n="$n" -v us="$TICK_US" -v has="$pids" \
+        'BEGIN { printf "%s %s\n", r, (has != "" && n > 0) ? sprintf("%.1f", t * us / n) : "nan" }'
 }
 
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for p in "${PROXIES[@]}"; do
-        read -r t_ka ka p50 p99 n_ka < <(measured "$p" wrk_run "${HTTP_PORT[$p]}" "")
-        read -r t_cl cl _ _ n_cl < <(measured "$p" wrk_run "${HTTP_PORT[$p]}" "Connection: close")
+        read -r ka p50 p99 cpu_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
+        read -r cl _ _ cpu_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
         i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
-        cpu_ka=$(cpu_us_per "$t_ka" "$n_ka"); cpu_cl=$(cpu_us_per "$t_cl" "$n_cl")
-        [ "$p" = direct ] && cpu_ka=nan && cpu_cl=nan
         echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl" | tee -a "$RESULTS" >&2
     done
 done

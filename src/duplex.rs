@@ -302,19 +302,17 @@ struct Pipe {
     r: std::os::fd::OwnedFd,
     /// Write end.
     w: std::os::fd::OwnedFd,
-    /// Its capacity in bytes: the most one splice into it can move.
-    size: usize,
 }
 
 impl Pipe {
-    /// A new pipe of [`PIPE_SIZE`], or None to keep copying: out of
+    /// A new pipe of at least [`PIPE_SIZE`], or None to keep copying: out of
     /// descriptors, or past the per-user pipe quota (`pipe-user-pages-soft`),
     /// where Linux hands out two-page pipes that would move less per call
     /// than a plain copy does.
     fn new() -> Option<Pipe> {
         use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
         let made = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
-            .and_then(|(r, w)| fcntl_setpipe_size(&w, PIPE_SIZE).map(|size| Pipe { r, w, size }));
+            .and_then(|(r, w)| fcntl_setpipe_size(&w, PIPE_SIZE).map(|_| Pipe { r, w }));
         match made {
             Ok(pipe) => Some(pipe),
             Err(e) => {
@@ -342,7 +340,7 @@ async fn splice_loop(
         let n = loop {
             from.readable().await.map_err(Fault::Read)?;
             let r = from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.w, None, pipe.size, flags).map_err(io::Error::from)
+                splice(from, None, &pipe.w, None, PIPE_SIZE, flags).map_err(io::Error::from)
             });
             match r {
                 Ok(n) => break n,
@@ -441,10 +439,9 @@ pub async fn forward(
             // "readable"), the next read is the EOF and the shutdown or close
             // follows at once: send with MSG_MORE so the kernel puts these
             // bytes and our FIN into one segment instead of two.
-            let last = data.len() < capacity && from.as_ref().poll_read_ready(cx).is_ready();
             let written = if !pending.is_empty() {
                 0
-            } else if last {
+            } else if data.len() < capacity && from.as_ref().poll_read_ready(cx).is_ready() {
                 match send_more(to.as_ref(), data) {
                     Ok(w) => w,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
