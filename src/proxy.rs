@@ -215,7 +215,20 @@ async fn run(
             let at = Some(up.backend.addr);
             client_done = held.client_done;
             match fx.result {
-                First::Answered => break,
+                First::Answered => {
+                    if passive_checks(snap) {
+                        up.backend.health.observe_success_streak_reset();
+                    }
+                    break;
+                }
+                First::ClosedEarly(error) if client_done => {
+                    // The client had ended first, and its end was passed on:
+                    // closing is how many servers answer that (an aborted
+                    // request, or a TCP probe that connects and hangs up). It
+                    // says nothing about the backend's health, and a replay
+                    // would only be closed the same way.
+                    return Finish { backend: at, sent, received, end: "client closed", error };
+                }
                 First::ClosedEarly(error) => {
                     let reason = error
                         .as_ref()
@@ -378,8 +391,10 @@ async fn connect(
         match result {
             Ok(stream) => {
                 backend.record_connected();
-                if passive_checks(snap) {
-                    // Resets a failure streak; only probes bring a down backend up.
+                // Resets a failure streak (only probes bring a down backend
+                // up). Outside `tcp` mode the first answer does, not the
+                // connect: a backend that accepts and hangs up is failing.
+                if passive_checks(snap) && snap.config.protocol == Protocol::Tcp {
                     backend.health.observe_success_streak_reset();
                 }
                 return Ok(Upstream { backend: Arc::clone(backend), stream, _slot: slot });

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tcplb::config::{HealthCheck, HealthConfig};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -134,6 +134,57 @@ async fn passive_failures_mark_down_before_any_probe() {
     }
     assert!(!lb.backends[0].health.is_up(), "two real failures must mark it down");
     assert_eq!(lb.backends[0].connect_failures(), 2, "a down backend is no longer tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_hang_up_first_are_not_backend_failures() {
+    // Closes without a word once its client has ended, as servers do with
+    // an aborted request.
+    let (addr, _) = serve(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let mut l = listener(&[addr]);
+    l.health = HealthConfig {
+        check: HealthCheck::Connect,
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 2,
+        send_proxy: false,
+    };
+    let lb = start_one(l).await;
+    // Connect-and-hang-up (a TCP liveness probe, a port scan) and a request
+    // aborted before its answer, three times each: more than `fall`.
+    for i in 0..6 {
+        let mut c = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        if i % 2 == 1 {
+            c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        }
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("tcplb closes once the backend has")
+            .unwrap();
+        assert!(rest.is_empty(), "nothing is made up for the client: {rest:?}");
+    }
+    assert!(lb.backends[0].health.is_up(), "the clients hung up, the backend did nothing wrong");
+
+    // Closing while the client still waits is a failure, as before.
+    let (slam, _) = serve(|s| async move { drop(s) }).await;
+    let mut l = listener(&[slam]);
+    l.health = HealthConfig {
+        interval: Duration::from_secs(3600),
+        fall: 2,
+        ..fast_health(HealthCheck::Connect)
+    };
+    let lb = start_one(l).await;
+    for _ in 0..2 {
+        let _ = read_all_from(lb.addr).await;
+    }
+    assert!(!lb.backends[0].health.is_up(), "a backend that hangs up on waiting clients is down");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
