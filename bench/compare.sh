@@ -211,8 +211,14 @@ PY
 iperf_run() { # port streams -> Gbit/s
     iperf3 -c 127.0.0.1 -p "$1" -t "$IPERF_TIME" -P "$2" -J 2>/dev/null | python3 -c '
 import json, sys
-d = json.load(sys.stdin)
-print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))'
+d = {}
+try:
+    d = json.load(sys.stdin)
+    print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))
+except (ValueError, KeyError):
+    # A failed run (iperf3 puts its error in the JSON) counts as nothing.
+    print("iperf3 failed: %s" % d.get("error", "no result"), file=sys.stderr)
+    print("nan")'
 }
 
 nginx_pids() { pgrep -P "$(cat "$WORK/nginx-lb.pid")" | tr '\n' ' '; cat "$WORK/nginx-lb.pid"; }
@@ -308,17 +314,22 @@ def val(rnd, p, i):
     for r in rows:
         if r[0] == rnd and r[1] == p:
             return float(r[i])
-med = {(p, i): statistics.median(val(r, p, i) for r in rounds) for p in proxies for _, i in metrics}
+    return math.nan  # that run is missing
+def median(vs):  # of the rounds that measured something (a failed run is nan)
+    vs = [v for v in vs if not math.isnan(v)]
+    return statistics.median(vs) if vs else math.nan
+med = {(p, i): median(val(r, p, i) for r in rounds) for p in proxies for _, i in metrics}
 # Ratios per round, then the median ratio (absolute numbers drift on a shared machine).
 def ratio(p, q_list, i, lower_better=False):
     rs = []
     for r in rounds:
         a = val(r, p, i)
-        b = min(val(r, q, i) for q in q_list) if lower_better else max(val(r, q, i) for q in q_list)
+        qs = [v for v in (val(r, q, i) for q in q_list) if not math.isnan(v)]
+        b = (min(qs) if lower_better else max(qs)) if qs else math.nan
         if math.isnan(a) or math.isnan(b):
-            return None  # not measured (the direct path has no proxy CPU)
+            continue  # not measured (the direct path has no proxy CPU, or a run failed)
         rs.append((b / a if lower_better else a / b) if a and b else 0.0)
-    return statistics.median(rs)
+    return statistics.median(rs) if rs else None
 def cell(v):
     if v is None or math.isnan(v):
         return "-"
