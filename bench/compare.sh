@@ -57,6 +57,26 @@ SINK=18301
 PROXIES=(direct haproxy haproxy-splice nginx tcplb)
 [ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
+# Every port must be free: a leftover server would be measured instead.
+busy=$(python3 - $B1 $B2 $IPERF $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${IDLE_PORT[@]}" <<'PY'
+import socket, sys
+for port in sorted(set(map(int, sys.argv[1:]))):
+    s = socket.socket()
+    # As the servers do: only a listener makes the port busy, not TIME_WAIT.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        print(port, end=" ")
+    finally:
+        s.close()
+PY
+)
+if [ -n "$busy" ]; then
+    echo "compare.sh: port(s) already in use on 127.0.0.1: $busy(stop what listens there)" >&2
+    exit 1
+fi
+
 # --- backends: two nginx HTTP servers with a short body, one iperf3 server.
 cat > "$WORK/nginx-be.conf" <<CONF
 worker_processes 1;
