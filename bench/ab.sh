@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# A/B of two tcplb builds for effects too small for compare.sh (a few %):
+# many short rounds, the order of the two builds alternating (A B, B A, ...)
+# because whichever runs second in a pair is favoured by about 2% here.
+# Loopback only; one build runs at a time; stops everything it started.
+#
+#   bench/ab.sh /tmp/tcplb-before target/release/tcplb          # conn-close, 12 rounds
+#   ROUNDS=16 WORKLOAD=keep-alive bench/ab.sh A B
+#
+# Prints, per round, req/s and the proxy's CPU µs per request (user + system
+# from /proc) for A and B, then the medians of the per-round B/A ratios.
+set -euo pipefail
+A=${1:?usage: bench/ab.sh BINARY_A BINARY_B}
+B=${2:?usage: bench/ab.sh BINARY_A BINARY_B}
+ROUNDS=${ROUNDS:-12}
+DURATION=${DURATION:-5}
+WORKLOAD=${WORKLOAD:-close}
+case $WORKLOAD in
+    close) HEADER="Connection: close" ;;
+    keep-alive) HEADER="Connection: keep-alive" ;;
+    *) echo "ab.sh: WORKLOAD must be close or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
+esac
+for bin in "$A" "$B"; do
+    [ -x "$bin" ] || { echo "ab.sh: not an executable: $bin" >&2; exit 2; }
+done
+for tool in nginx wrk; do
+    command -v $tool >/dev/null || { echo "ab.sh: needs $tool (bench/compare.sh installs it)" >&2; exit 2; }
+done
+
+B1=18481; B2=18482; LB=18484
+busy=$(python3 - $B1 $B2 $LB <<'PY'
+import socket, sys
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        print(port, end=" ")
+    finally:
+        s.close()
+PY
+)
+[ -z "$busy" ] || { echo "ab.sh: port(s) already in use on 127.0.0.1: $busy" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/tcplb-ab.XXXXXX)
+LB_PID=""
+cleanup() {
+    [ -n "$LB_PID" ] && kill "$LB_PID" 2>/dev/null || true
+    [ -f "$WORK/be.pid" ] && kill "$(cat "$WORK/be.pid")" 2>/dev/null || true
+    sleep 0.3
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cat > "$WORK/be.conf" <<CONF
+worker_processes 1;
+pid $WORK/be.pid;
+error_log $WORK/be.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$B1 backlog=4096; location / { return 200 "hello from backend\n"; } }
+    server { listen 127.0.0.1:$B2 backlog=4096; location / { return 200 "hello from backend\n"; } }
+}
+CONF
+nginx -c "$WORK/be.conf"
+cat > "$WORK/lb.toml" <<CONF
+[defaults]
+protocol = "tcp"
+access_log = false
+[[listener]]
+name = "http"
+listen = "127.0.0.1:$LB"
+upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
+CONF
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+one() { # binary -> "req/s cpu-us-per-request"
+    "$1" --config "$WORK/lb.toml" --log-level warn & LB_PID=$!
+    sleep 0.5
+    wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB/" >/dev/null # warm-up
+    local c0 c1
+    c0=$(cpu_ticks "$LB_PID")
+    wrk -t1 -c50 -d"$DURATION" -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out"
+    c1=$(cpu_ticks "$LB_PID")
+    kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true; LB_PID=""
+    awk -v t=$((c1 - c0)) -v us="$TICK_US" '
+        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
+        END { if (n > 0) printf "%s %.1f\n", r, t * us / n; else print "0 nan" }' "$WORK/wrk.out"
+}
+
+echo "round A_req/s A_cpu_us B_req/s B_cpu_us ($WORKLOAD)"
+: > "$WORK/rounds"
+for i in $(seq 1 "$ROUNDS"); do
+    if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi
+    echo "$i $a $b" | tee -a "$WORK/rounds"
+done
+python3 - "$WORK/rounds" <<'PY'
+import math, statistics, sys
+rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
+rows = [r for r in rows if r[0] > 0 and r[2] > 0 and not math.isnan(r[1] + r[3])]
+if not rows:
+    sys.exit("ab.sh: no round measured anything")
+rps = statistics.median(r[2] / r[0] for r in rows)
+cpu = statistics.median(r[3] / r[1] for r in rows)
+print(f"B/A over {len(rows)} rounds (medians of per-round ratios): "
+      f"req/s {rps:.3f}x, CPU per request {cpu:.3f}x (< 1: B is cheaper)")
+PY
