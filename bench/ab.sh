@@ -10,6 +10,7 @@
 # Prints, per round, req/s and the proxy's CPU µs per request (user + system
 # from /proc) for A and B, then the medians of the per-round B/A ratios.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 A=${1:?usage: bench/ab.sh BINARY_A BINARY_B}
 B=${2:?usage: bench/ab.sh BINARY_A BINARY_B}
 ROUNDS=${ROUNDS:-12}
@@ -28,45 +29,20 @@ for tool in nginx wrk; do
 done
 
 B1=18481; B2=18482; LB=18484
-busy=$(python3 - $B1 $B2 $LB <<'PY'
-import socket, sys
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        print(port, end=" ")
-    finally:
-        s.close()
-PY
-)
-[ -z "$busy" ] || { echo "ab.sh: port(s) already in use on 127.0.0.1: $busy" >&2; exit 1; }
+require_free_ports $B1 $B2 $LB
 
 WORK=$(mktemp -d /tmp/tcplb-ab.XXXXXX)
 LB_PID=""
 cleanup() {
     [ -n "$LB_PID" ] && kill "$LB_PID" 2>/dev/null || true
-    [ -f "$WORK/be.pid" ] && kill "$(cat "$WORK/be.pid")" 2>/dev/null || true
+    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
     sleep 0.3
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-cat > "$WORK/be.conf" <<CONF
-worker_processes 1;
-pid $WORK/be.pid;
-error_log $WORK/be.err;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:$B1 backlog=4096; location / { return 200 "hello from backend\n"; } }
-    server { listen 127.0.0.1:$B2 backlog=4096; location / { return 200 "hello from backend\n"; } }
-}
-CONF
-nginx -c "$WORK/be.conf"
+start_http_backends "$WORK" $B1 $B2
 cat > "$WORK/lb.toml" <<CONF
 [defaults]
 protocol = "tcp"

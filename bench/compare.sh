@@ -10,6 +10,7 @@
 #   TCPLB_B=/tmp/tcplb-old bench/compare.sh   # A/B: a second tcplb build, as "tcplb-b"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 ROOT=$PWD
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}        # seconds per wrk run
@@ -57,40 +58,10 @@ SINK=18301
 PROXIES=(direct haproxy haproxy-splice nginx tcplb)
 [ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
-# Every port must be free: a leftover server would be measured instead.
-busy=$(python3 - $B1 $B2 $IPERF $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${IDLE_PORT[@]}" <<'PY'
-import socket, sys
-for port in sorted(set(map(int, sys.argv[1:]))):
-    s = socket.socket()
-    # As the servers do: only a listener makes the port busy, not TIME_WAIT.
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        print(port, end=" ")
-    finally:
-        s.close()
-PY
-)
-if [ -n "$busy" ]; then
-    echo "compare.sh: port(s) already in use on 127.0.0.1: $busy(stop what listens there)" >&2
-    exit 1
-fi
+require_free_ports $B1 $B2 $IPERF $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${IDLE_PORT[@]}"
 
 # --- backends: two nginx HTTP servers with a short body, one iperf3 server.
-cat > "$WORK/nginx-be.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx-be.pid;
-error_log $WORK/nginx-be.err;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:$B1 backlog=4096; location / { return 200 "hello from backend\n"; } }
-    server { listen 127.0.0.1:$B2 backlog=4096; location / { return 200 "hello from backend\n"; } }
-}
-CONF
-nginx -c "$WORK/nginx-be.conf"
+start_http_backends "$WORK" $B1 $B2
 iperf3 -s -p $IPERF -D --pidfile "$WORK/iperf.pid" >/dev/null
 sleep 0.3; PIDS+=("$(cat "$WORK/iperf.pid")")
 
