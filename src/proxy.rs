@@ -221,12 +221,7 @@ async fn run(
                     }
                     break;
                 }
-                First::ClosedEarly(error) if client_done => {
-                    // The client had ended first, and its end was passed on:
-                    // closing is how many servers answer that (an aborted
-                    // request, or a TCP probe that connects and hangs up). It
-                    // says nothing about the backend's health, and a replay
-                    // would only be closed the same way.
+                First::AfterClientEnd(error) => {
                     return Finish { backend: at, sent, received, end: "client closed", error };
                 }
                 First::ClosedEarly(error) => {

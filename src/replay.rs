@@ -148,8 +148,14 @@ pub fn verdict(buf: &[u8]) -> Verdict {
 pub enum First {
     /// The backend sent its first bytes; they were written to the client.
     Answered,
-    /// The backend closed or reset before sending a byte.
+    /// The backend closed or reset before sending a byte, while the client
+    /// was still sending or waiting.
     ClosedEarly(Option<io::Error>),
+    /// The backend closed or reset without a byte after the client had ended
+    /// (its FIN was passed on). Closing is how many servers answer that (an
+    /// aborted request, or a TCP probe that connects and hangs up): it says
+    /// nothing about the backend, and a replay would be closed the same way.
+    AfterClientEnd(Option<io::Error>),
     /// The client socket failed.
     ClientError(io::Error),
     /// Writing to the backend failed.
@@ -158,6 +164,17 @@ pub enum First {
     IdleTimeout,
     /// The drain deadline passed.
     Shutdown,
+}
+
+impl First {
+    /// The backend closed (`error`: reset) without answering.
+    fn closed(held: &Held, error: Option<io::Error>) -> First {
+        if held.client_done {
+            First::AfterClientEnd(error)
+        } else {
+            First::ClosedEarly(error)
+        }
+    }
 }
 
 /// Bytes moved by the first exchange, and how it ended.
@@ -199,8 +216,8 @@ pub async fn first_exchange(
             // The backend first: its answer ends the phase.
             biased;
             step = forward(&mut br, &mut cw, &mut pending_down, |_| {}) => match step {
-                Step::Eof => break First::ClosedEarly(None),
-                Step::ReadError(e) => break First::ClosedEarly(Some(e)),
+                Step::Eof => break First::closed(held, None),
+                Step::ReadError(e) => break First::closed(held, Some(e)),
                 Step::WriteError(e) => break First::ClientError(e),
                 Step::Moved { read, .. } => {
                     if let Err(e) = cw.write_all(&pending_down).await {
