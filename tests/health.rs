@@ -24,6 +24,18 @@ fn fast_health(check: HealthCheck) -> HealthConfig {
     }
 }
 
+/// Probes too rare to matter during a test: only real traffic moves the state.
+fn passive_only(fall: u32) -> HealthConfig {
+    HealthConfig {
+        check: HealthCheck::Connect,
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall,
+        send_proxy: false,
+    }
+}
+
 /// Polls `cond` until it holds; returns how long that took, or panics after `limit`.
 async fn time_until(limit: Duration, what: &str, cond: impl Fn() -> bool) -> Duration {
     let start = Instant::now();
@@ -120,14 +132,7 @@ async fn passive_failures_mark_down_before_any_probe() {
     let dead = dead_addr().await;
     let (live, _) = tag_backend("L").await;
     let mut l = listener(&[dead, live]);
-    l.health = HealthConfig {
-        check: HealthCheck::Connect,
-        interval: Duration::from_secs(3600),
-        timeout: Duration::from_secs(1),
-        rise: 2,
-        fall: 2,
-        send_proxy: false,
-    };
+    l.health = passive_only(2);
     let lb = start_one(l).await;
     for _ in 0..8 {
         assert_eq!(read_all_from(lb.addr).await, b"L");
@@ -146,14 +151,7 @@ async fn clients_that_hang_up_first_are_not_backend_failures() {
     })
     .await;
     let mut l = listener(&[addr]);
-    l.health = HealthConfig {
-        check: HealthCheck::Connect,
-        interval: Duration::from_secs(3600),
-        timeout: Duration::from_secs(1),
-        rise: 2,
-        fall: 2,
-        send_proxy: false,
-    };
+    l.health = passive_only(2);
     let lb = start_one(l).await;
     // Connect-and-hang-up (a TCP liveness probe, a port scan) and a request
     // aborted before its answer, three times each: more than `fall`.
@@ -175,11 +173,7 @@ async fn clients_that_hang_up_first_are_not_backend_failures() {
     // Closing while the client still waits is a failure, as before.
     let (slam, _) = serve(|s| async move { drop(s) }).await;
     let mut l = listener(&[slam]);
-    l.health = HealthConfig {
-        interval: Duration::from_secs(3600),
-        fall: 2,
-        ..fast_health(HealthCheck::Connect)
-    };
+    l.health = passive_only(2);
     let lb = start_one(l).await;
     for _ in 0..2 {
         let _ = read_all_from(lb.addr).await;
