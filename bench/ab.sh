@@ -44,17 +44,13 @@ trap 'exit 130' INT TERM
 
 start_http_backends "$WORK" $B1 $B2
 cat > "$WORK/lb.toml" <<CONF
-[defaults]
-protocol = "tcp"
-access_log = false
+$(tcplb_defaults)
 [[listener]]
 name = "http"
 listen = "127.0.0.1:$LB"
 upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 CONF
 
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 one() { # binary -> "req/s cpu-us-per-request"
     "$1" --config "$WORK/lb.toml" --log-level warn & LB_PID=$!
     sleep 0.5

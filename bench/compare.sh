@@ -142,9 +142,7 @@ nginx -c "$WORK/nginx-lb.conf"
 tcplb_config() { # name -> its configuration file, on its ports
     cat > "$WORK/$1.toml" <<CONF
 max_connections = $MAXCONN
-[defaults]
-protocol = "tcp"
-access_log = false
+$(tcplb_defaults)
 [[listener]]
 name = "http"
 listen = "127.0.0.1:${HTTP_PORT[$1]}"
@@ -221,16 +219,6 @@ proxy_pids() { # proxy -> its processes (none for direct)
         tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
-cpu_ticks() { # pids... -> user + system clock ticks, all threads
-    local t=0 u s
-    for pid in "$@"; do
-        # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
-        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}')
-        t=$((t + u + s))
-    done
-    echo $t
-}
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 wrk_cpu() { # proxy port extra-header -> "rps p50_ms p99_ms proxy-CPU-us-per-request" (nan: direct)
     local pids c0=0 c1=0 rps p50 p99 n
     pids=$(proxy_pids "$1")

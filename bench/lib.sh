@@ -41,3 +41,20 @@ http {
 CONF
     nginx -c "$1/nginx-be.conf"
 }
+
+# The [defaults] every benchmarked tcplb runs with: plain TCP (no HTTP
+# first-exchange watch) and no access log, as the peers are configured.
+tcplb_defaults() {
+    printf '[defaults]\nprotocol = "tcp"\naccess_log = false\n'
+}
+
+cpu_ticks() { # pids... -> user + system clock ticks, all threads
+    local t=0 u s
+    for pid in "$@"; do
+        # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}')
+        t=$((t + u + s))
+    done
+    echo $t
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
