@@ -36,6 +36,8 @@
 //! - [`metrics`]: Prometheus metrics read from the live atomics at scrape time.
 //! - [`shutdown`]: process signals.
 #![deny(unsafe_code)]
+// Bad input and network errors are returned, never unwrapped (tests may).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod backend;

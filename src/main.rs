@@ -1,4 +1,5 @@
 //! The `tcplb` binary: parse the command line, set up logging, run.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
