@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# A/B of two tcplb builds for effects too small for compare.sh (a few %):
-# many short rounds, the order of the two builds alternating (A B, B A, ...)
-# because whichever runs second in a pair is favoured by about 2% here.
-# Loopback only; one build runs at a time; stops everything it started.
+# A/B of two tcplb builds, or of tcplb and nginx stream, for effects too
+# small for compare.sh (a few %): many short rounds, the order of the two
+# alternating (A B, B A, ...) because whichever runs second in a pair is
+# favoured by about 2% here. Loopback only; one proxy runs at a time; stops
+# everything it started.
 #
 #   bench/ab.sh /tmp/tcplb-before target/release/tcplb          # conn-close, 12 rounds
 #   ROUNDS=16 WORKLOAD=keep-alive bench/ab.sh A B
+#   bench/ab.sh nginx target/release/tcplb     # head to head with nginx stream
+#   WORKERS=1 bench/ab.sh nginx target/release/tcplb   # one worker each
 #
-# Prints, per round, req/s and the proxy's CPU µs per request (user + system
-# from /proc) for A and B, then the medians of the per-round B/A ratios.
+# WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
+# NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
+# tcplb's workers have, instead of one shared socket.
+#
+# Prints, per round, for A and B: req/s, the proxy's CPU µs per request (user
+# + system from /proc) and the whole machine's (client and backends too: what
+# the proxy costs everything sharing the cores), then the medians of the
+# per-round B/A ratios.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 A=${1:?usage: bench/ab.sh BINARY_A BINARY_B}
@@ -21,8 +30,9 @@ case $WORKLOAD in
     keep-alive) HEADER="Connection: keep-alive" ;;
     *) echo "ab.sh: WORKLOAD must be close or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
 esac
+WORKERS=${WORKERS:-$(nproc)}
 for bin in "$A" "$B"; do
-    [ -x "$bin" ] || { echo "ab.sh: not an executable: $bin" >&2; exit 2; }
+    [ "$bin" = nginx ] || [ -x "$bin" ] || { echo "ab.sh: not an executable (nor 'nginx'): $bin" >&2; exit 2; }
 done
 for tool in nginx wrk; do
     command -v $tool >/dev/null || { echo "ab.sh: needs $tool (bench/compare.sh installs it)" >&2; exit 2; }
@@ -32,9 +42,8 @@ B1=18481; B2=18482; LB=18484
 require_free_ports $B1 $B2 $LB
 
 WORK=$(mktemp -d /tmp/tcplb-ab.XXXXXX)
-LB_PID=""
 cleanup() {
-    [ -n "$LB_PID" ] && kill "$LB_PID" 2>/dev/null || true
+    stop_lb "$WORK"
     [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
     sleep 0.3
     rm -rf "$WORK"
@@ -43,29 +52,20 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_http_backends "$WORK" $B1 $B2
-cat > "$WORK/lb.toml" <<CONF
-$(tcplb_defaults)
-[[listener]]
-name = "http"
-listen = "127.0.0.1:$LB"
-upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
-CONF
-
-one() { # binary -> "req/s cpu-us-per-request"
-    "$1" --config "$WORK/lb.toml" --log-level warn & LB_PID=$!
-    sleep 0.5
+one() { # tcplb binary or "nginx" -> "req/s proxy-CPU machine-CPU" (µs per request)
+    start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB/" >/dev/null # warm-up
-    local c0 c1
-    c0=$(cpu_ticks "$LB_PID")
+    local c0 c1 m0 m1
+    c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
     wrk -t1 -c50 -d"$DURATION" -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out"
-    c1=$(cpu_ticks "$LB_PID")
-    kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true; LB_PID=""
-    awk -v t=$((c1 - c0)) -v us="$TICK_US" '
+    c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
+    stop_lb "$WORK"
+    awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
         /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
-        END { if (n > 0) printf "%s %.1f\n", r, t * us / n; else print "0 nan" }' "$WORK/wrk.out"
+        END { if (n > 0) printf "%s %.1f %.1f\n", r, t * us / n, m * us / n; else print "0 nan nan" }' "$WORK/wrk.out"
 }
 
-echo "round A_req/s A_cpu_us B_req/s B_cpu_us ($WORKLOAD)"
+echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request ($WORKLOAD, $WORKERS workers)"
 : > "$WORK/rounds"
 for i in $(seq 1 "$ROUNDS"); do
     if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi
@@ -74,11 +74,12 @@ done
 python3 - "$WORK/rounds" <<'PY'
 import math, statistics, sys
 rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
-rows = [r for r in rows if r[0] > 0 and r[2] > 0 and not math.isnan(r[1] + r[3])]
+rows = [r for r in rows if r[0] > 0 and r[3] > 0 and not math.isnan(sum(r))]
 if not rows:
     sys.exit("ab.sh: no round measured anything")
-rps = statistics.median(r[2] / r[0] for r in rows)
-cpu = statistics.median(r[3] / r[1] for r in rows)
-print(f"B/A over {len(rows)} rounds (medians of per-round ratios): "
-      f"req/s {rps:.3f}x, CPU per request {cpu:.3f}x (< 1: B is cheaper)")
+def ratio(i):
+    return statistics.median(r[3 + i] / r[i] for r in rows)
+print(f"B/A over {len(rows)} rounds (medians of per-round ratios): req/s {ratio(0):.3f}x, "
+      f"proxy CPU per request {ratio(1):.3f}x, machine CPU per request {ratio(2):.3f}x "
+      "(CPU < 1: B is cheaper)")
 PY

@@ -219,25 +219,35 @@ proxy_pids() { # proxy -> its processes (none for direct)
         tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
-wrk_cpu() { # proxy port extra-header -> "rps p50_ms p99_ms proxy-CPU-us-per-request" (nan: direct)
-    local pids c0=0 c1=0 rps p50 p99 n
+# proxy port extra-header -> "rps p50_ms p99_ms proxy-CPU machine-CPU", CPU in µs
+# per request: the proxy's own (nan: direct) and the whole machine's busy time
+# (client, backends and proxy: what a proxy costs everything that shares the cores).
+wrk_cpu() {
+    local pids c0=0 c1=0 m0 m1 rps p50 p99 n
     pids=$(proxy_pids "$1")
     [ -n "$pids" ] && c0=$(cpu_ticks $pids)
+    m0=$(machine_busy_ticks)
     read -r rps p50 p99 n < <(wrk_run "$2" "$3")
+    m1=$(machine_busy_ticks)
     [ -n "$pids" ] && c1=$(cpu_ticks $pids)
-    awk -v r="$rps $p50 $p99" -v t=$((c1 - c0)) -v n="$n" -v us="$TICK_US" -v has="$pids" \
-        'BEGIN { printf "%s %s\n", r, (has != "" && n > 0) ? sprintf("%.1f", t * us / n) : "nan" }'
+    awk -v r="$rps $p50 $p99" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v n="$n" -v us="$TICK_US" -v has="$pids" \
+        'BEGIN { printf "%s %s %s\n", r, (has != "" && n > 0) ? sprintf("%.1f", t * us / n) : "nan",
+                 (n > 0) ? sprintf("%.1f", m * us / n) : "nan" }'
 }
 
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
+# Each round starts one proxy later (round 2: haproxy first, ..., direct
+# last), so that no proxy always runs right after the same one: the position
+# in a round is worth a few % here (an A/A run read 1.04-1.05x without it).
 for round in $(seq 1 "$ROUNDS"); do
-    for p in "${PROXIES[@]}"; do
-        read -r ka p50 p99 cpu_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
-        read -r cl _ _ cpu_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
+    k=$(( (round - 1) % ${#PROXIES[@]} ))
+    for p in "${PROXIES[@]:k}" "${PROXIES[@]:0:k}"; do
+        read -r ka p50 p99 cpu_ka mach_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
+        read -r cl _ _ cpu_cl mach_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
         i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
-        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl" | tee -a "$RESULTS" >&2
+        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -287,7 +297,10 @@ if ab:
     proxies.append("tcplb-b")
 metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
            ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
-           ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9)]
+           ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9),
+           ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11)]
+def lower_better(name):  # latency and CPU
+    return name.startswith("p") or "CPU" in name
 rounds = sorted({r[0] for r in rows})
 def val(rnd, p, i):
     for r in rows:
@@ -318,7 +331,7 @@ print(f"Medians of {len(rounds)} rounds (proxies interleaved in each round).\n")
 print("| metric | " + " | ".join(proxies) + " | tcplb / direct | tcplb / best peer |")
 print("|---|" + "---|" * (len(proxies) + 2))
 for name, i in metrics:
-    lower = name.startswith("p")  # latency and CPU: lower is better
+    lower = lower_better(name)
     cells = [cell(med[(p, i)]) for p in proxies]
     d = ratio("tcplb", ["direct"], i, lower)
     b = ratio("tcplb", peers, i, lower)
@@ -331,7 +344,7 @@ print("\ntcplb / each peer (median of per-round ratios):\n")
 print("| metric | " + " | ".join(others) + " |")
 print("|---|" + "---|" * len(others))
 for name, i in metrics:
-    lower = name.startswith("p")
+    lower = lower_better(name)
     x = lambda r: "-" if r is None else f"{r:.2f}x"
     print(f"| {name} | " + " | ".join(x(ratio("tcplb", [q], i, lower)) for q in others) + " |")
 mem = [l.split() for l in open(sys.argv[2]) if l.strip()]

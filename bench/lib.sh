@@ -48,6 +48,55 @@ tcplb_defaults() {
     printf '[defaults]\nprotocol = "tcp"\naccess_log = false\n'
 }
 
+# Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
+# over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
+# processes sharing one socket, or each with its own SO_REUSEPORT socket when
+# NGINX_REUSEPORT=1) or a tcplb binary (--threads WORKERS). Sets LB_PID (what
+# stop_lb stops) and LB_PIDS (every process to measure).
+start_lb() { # DIR WHO WORKERS PORT B1 B2
+    local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport=""
+    if [ "$who" = nginx ]; then
+        [ "${NGINX_REUSEPORT:-0}" = 1 ] && reuseport=" reuseport"
+        cat > "$dir/nginx-lb.conf" <<CONF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes $workers;
+pid $dir/nginx-lb.pid;
+error_log $dir/nginx-lb.err;
+events { worker_connections 4096; }
+stream {
+    upstream http { server 127.0.0.1:$b1; server 127.0.0.1:$b2; }
+    server { listen 127.0.0.1:$port backlog=4096$reuseport; proxy_pass http; }
+}
+CONF
+        nginx -c "$dir/nginx-lb.conf"
+        sleep 0.5
+        LB_PID=$(cat "$dir/nginx-lb.pid")
+    else
+        cat > "$dir/lb.toml" <<CONF
+$(tcplb_defaults)
+[[listener]]
+name = "http"
+listen = "127.0.0.1:$port"
+upstreams = ["127.0.0.1:$b1", "127.0.0.1:$b2"]
+CONF
+        "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
+        sleep 0.5
+    fi
+    LB_PIDS="$LB_PID $(pgrep -P "$LB_PID" | tr '\n' ' ')" # nginx's workers, a wrapper's children
+    echo "$LB_PID" > "$dir/lb.pid" # for stop_lb from another (sub)shell, e.g. a trap
+}
+
+# Stops what start_lb started in DIR; returns once it is gone (and its port free).
+stop_lb() { # DIR
+    [ -f "$1/lb.pid" ] || return 0
+    local pid
+    pid=$(cat "$1/lb.pid")
+    rm -f "$1/lb.pid"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true # returns at once for nginx, not our child
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+
 cpu_ticks() { # pids... -> user + system clock ticks, all threads
     local t=0 u s
     for pid in "$@"; do
@@ -56,5 +105,10 @@ cpu_ticks() { # pids... -> user + system clock ticks, all threads
         t=$((t + u + s))
     done
     echo $t
+}
+# Clock ticks the whole machine spent busy: user, nice, system, irq and
+# softirq of all CPUs (not idle, iowait, or steal: time another guest had).
+machine_busy_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
