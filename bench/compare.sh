@@ -76,7 +76,7 @@ async def main():
     await s.serve_forever()
 asyncio.run(main())
 PY
-python3 "$WORK/sink.py" $SINK & PIDS+=($!)
+setsid python3 "$WORK/sink.py" $SINK & PIDS+=($!)
 
 # --- proxies
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -119,7 +119,13 @@ backend idle
     server s1 127.0.0.1:$SINK
 CONF
 haproxy -c -q -f "$WORK/haproxy.cfg" || { echo "haproxy rejected its configuration" >&2; exit 1; }
-haproxy -f "$WORK/haproxy.cfg" -q 2>"$WORK/haproxy.err" & PIDS+=($!); HAPROXY_PID=$!
+# Every server runs in a session of its own (setsid), as under systemd or in
+# a container: with the kernel's autogroup scheduling (on by default), all the
+# processes of one session share one fair share of the CPU, so a proxy left in
+# this script's session would share wrk's (nginx and iperf3 daemonize and get
+# their own). Measured: tcplb in wrk's session ran conn-close at 0.91x nginx,
+# in its own 1.00x (docs/benchmarks.md, "Sessions and autogroup").
+setsid haproxy -f "$WORK/haproxy.cfg" -q 2>"$WORK/haproxy.err" & PIDS+=($!); HAPROXY_PID=$!
 
 cat > "$WORK/nginx-lb.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -158,9 +164,9 @@ upstreams = ["127.0.0.1:$SINK"]
 CONF
     echo "$WORK/$1.toml"
 }
-"$TCPLB" --config "$(tcplb_config tcplb)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
+setsid "$TCPLB" --config "$(tcplb_config tcplb)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
 if [ -n "${TCPLB_B:-}" ]; then
-    "$TCPLB_B" --config "$(tcplb_config tcplb-b)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_B_PID=$!
+    setsid "$TCPLB_B" --config "$(tcplb_config tcplb-b)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_B_PID=$!
 fi
 sleep 1
 

@@ -79,11 +79,13 @@ name = "http"
 listen = "127.0.0.1:$port"
 upstreams = ["127.0.0.1:$b1", "127.0.0.1:$b2"]
 CONF
-        "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
+        # A session of its own, as nginx (which daemonizes) has: see compare.sh.
+        setsid "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
         sleep 0.5
     fi
-    LB_PIDS="$LB_PID $(pgrep -P "$LB_PID" | tr '\n' ' ')" # nginx's workers, a wrapper's children
     echo "$LB_PID" > "$dir/lb.pid" # for stop_lb from another (sub)shell, e.g. a trap
+    # nginx's workers, a wrapper's children (pgrep fails when there are none)
+    LB_PIDS="$LB_PID $( (pgrep -P "$LB_PID" || true) | tr '\n' ' ')"
 }
 
 # Stops what start_lb started in DIR; returns once it is gone (and its port free).

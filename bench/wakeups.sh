@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Who wakes whom, and how often each process is switched out, per request,
+# while one proxy carries a conn-close wrk run: perf's sched tracepoints,
+# system-wide, for 2 s in the middle of a 6 s run. On a machine where client,
+# proxy and backends share the cores, these switches are part of what a
+# proxy costs. Loopback only; stops everything it started.
+#
+#   bench/wakeups.sh nginx                  # nginx stream
+#   bench/wakeups.sh target/release/tcplb
+#   WORKERS=1 bench/wakeups.sh nginx        # workers (default: cores)
+#
+# Needs perf (Debian: linux-perf) with access to tracepoints (root), nginx, wrk.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+WHO=${1:?usage: bench/wakeups.sh nginx|TCPLB_BINARY}
+WORKERS=${WORKERS:-$(nproc)}
+for tool in perf nginx wrk; do
+    command -v $tool >/dev/null || { echo "wakeups.sh: needs $tool" >&2; exit 2; }
+done
+[ "$WHO" = nginx ] || [ -x "$WHO" ] || { echo "wakeups.sh: not an executable (nor 'nginx'): $WHO" >&2; exit 2; }
+
+B1=18481; B2=18482; LB=18484
+require_free_ports $B1 $B2 $LB
+WORK=$(mktemp -d /tmp/tcplb-wakeups.XXXXXX)
+cleanup() {
+    stop_lb "$WORK"
+    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
+    sleep 0.3
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_http_backends "$WORK" $B1 $B2
+start_lb "$WORK" "$WHO" "$WORKERS" $LB $B1 $B2
+tids() { for p in "$@"; do ls "/proc/$p/task"; done | tr '\n' ' '; }
+BE=$(cat "$WORK/nginx-be.pid")
+ROLES="proxy=$(tids $LB_PIDS | tr ' ' ,) backend=$(tids $BE $(pgrep -P "$BE" || true) | tr ' ' ,)"
+
+wrk -t1 -c50 -d6 -H "Connection: close" "http://127.0.0.1:$LB/" > "$WORK/wrk.out" & WRK=$!
+sleep 2
+perf record -q -a -e sched:sched_wakeup,sched:sched_switch -o "$WORK/perf.data" -- sleep 2 2>/dev/null
+wait $WRK
+perf script -i "$WORK/perf.data" -F comm,tid,event,trace 2>/dev/null > "$WORK/trace.txt"
+RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
+
+python3 - "$WORK/trace.txt" "$RPS" "$ROLES" "$(basename "$WHO")" <<'PY'
+import collections, re, sys
+trace, rps, roles = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+requests = rps * 2  # the trace covers 2 s
+role = {}
+for item in roles.split():
+    name, tids = item.split("=")
+    role.update((t, name) for t in tids.split(",") if t)
+def who(tid, comm):
+    if tid in role:
+        return role[tid]
+    return re.sub(r"[/:-]\d+$", "", comm)  # ksoftirqd/0, swapper/1, kworker/u8:3 ...
+wakes, outs = collections.Counter(), collections.Counter()
+for line in open(trace):
+    m = re.match(r"\s*(\S+)\s+(\d+)\s+sched:(sched_wakeup|sched_switch):\s*(.*)", line)
+    if not m:
+        continue
+    comm, tid, event, rest = m.groups()
+    if event == "sched_wakeup":
+        wakee = re.search(r"comm=(\S+) pid=(\d+)", rest)
+        wakes[(who(tid, comm), who(wakee.group(2), wakee.group(1)))] += 1
+    else:
+        prev = re.search(r"prev_comm=(\S+) prev_pid=(\d+) .*prev_state=(\S+)", rest)
+        how = "preempted" if prev.group(3).startswith("R") else "slept"
+        outs[(who(prev.group(2), prev.group(1)), how)] += 1
+print(f"{rps:.0f} req/s through {sys.argv[4]}, traced for 2 s\n")
+print("| waker | woken | per request |\n|---|---|---|")
+for (a, b), n in wakes.most_common(8):
+    print(f"| {a} | {b} | {n / requests:.3f} |")
+print("\n| switched out | how | per request |\n|---|---|---|")
+for (a, how), n in outs.most_common(8):
+    print(f"| {a} | {how} | {n / requests:.3f} |")
+print(f"\ncontext switches per request, all processes: {sum(outs.values()) / requests:.2f}")
+PY
