@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B of two tcplb builds, or of tcplb and nginx stream, for effects too
+# A/B of two tcplb builds, or of tcplb and nginx or HAProxy, for effects too
 # small for compare.sh (a few %): many short rounds, the order of the two
 # alternating (A B, B A, ...) because whichever runs second in a pair is
 # favoured by about 2% here. Loopback only; one proxy runs at a time; stops
@@ -8,6 +8,7 @@
 #   bench/ab.sh /tmp/tcplb-before target/release/tcplb          # conn-close, 12 rounds
 #   ROUNDS=16 WORKLOAD=keep-alive bench/ab.sh A B
 #   bench/ab.sh nginx target/release/tcplb     # head to head with nginx stream
+#   bench/ab.sh haproxy target/release/tcplb   # or HAProxy (mode tcp)
 #   WORKERS=1 bench/ab.sh nginx target/release/tcplb   # one worker each
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
@@ -32,9 +33,9 @@ case $WORKLOAD in
 esac
 WORKERS=${WORKERS:-$(nproc)}
 for bin in "$A" "$B"; do
-    [ "$bin" = nginx ] || [ -x "$bin" ] || { echo "ab.sh: not an executable (nor 'nginx'): $bin" >&2; exit 2; }
+    case $bin in nginx | haproxy) ;; *) [ -x "$bin" ] || { echo "ab.sh: not an executable (nor nginx or haproxy): $bin" >&2; exit 2; } ;; esac
 done
-for tool in nginx wrk; do
+for tool in nginx haproxy wrk; do
     command -v $tool >/dev/null || { echo "ab.sh: needs $tool (bench/compare.sh installs it)" >&2; exit 2; }
 done
 

@@ -243,12 +243,16 @@ wrk_cpu() {
 
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
-# Each round starts one proxy later (round 2: haproxy first, ..., direct
-# last), so that no proxy always runs right after the same one: the position
-# in a round is worth a few % here (an A/A run read 1.04-1.05x without it).
+# Odd rounds run the proxies in order, even rounds in reverse (A B C, C B A,
+# ...; ABBA generalized), so that no proxy always runs after the same one:
+# the position is worth up to 10% here (an A/A run read 1.04-1.05x in fixed
+# order; bench/ab.sh's pairs show the same effect, cancelled the same way).
 for round in $(seq 1 "$ROUNDS"); do
-    k=$(( (round - 1) % ${#PROXIES[@]} ))
-    for p in "${PROXIES[@]:k}" "${PROXIES[@]:0:k}"; do
+    order=("${PROXIES[@]}")
+    if [ $((round % 2)) = 0 ]; then
+        order=(); for ((j = ${#PROXIES[@]} - 1; j >= 0; j--)); do order+=("${PROXIES[j]}"); done
+    fi
+    for p in "${order[@]}"; do
         read -r ka p50 p99 cpu_ka mach_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
         read -r cl _ _ cpu_cl mach_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)

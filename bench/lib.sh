@@ -51,7 +51,8 @@ tcplb_defaults() {
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
-# NGINX_REUSEPORT=1) or a tcplb binary (--threads WORKERS). Sets LB_PID (what
+# NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers)
+# or a tcplb binary (--threads WORKERS). Sets LB_PID (what
 # stop_lb stops) and LB_PIDS (every process to measure).
 start_lb() { # DIR WHO WORKERS PORT B1 B2
     local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport=""
@@ -71,6 +72,26 @@ CONF
         nginx -c "$dir/nginx-lb.conf"
         sleep 0.5
         LB_PID=$(cat "$dir/nginx-lb.pid")
+    elif [ "$who" = haproxy ]; then
+        cat > "$dir/haproxy.cfg" <<CONF
+global
+    nbthread $workers
+    tune.bufsize 16384
+defaults
+    mode tcp
+    balance roundrobin
+    timeout connect 3s
+    timeout client 1h
+    timeout server 1h
+frontend http
+    bind 127.0.0.1:$port
+    default_backend http
+backend http
+    server b1 127.0.0.1:$b1
+    server b2 127.0.0.1:$b2
+CONF
+        setsid haproxy -f "$dir/haproxy.cfg" -q & LB_PID=$!
+        sleep 0.5
     else
         cat > "$dir/lb.toml" <<CONF
 $(tcplb_defaults)

@@ -5,19 +5,19 @@
 # proxy and backends share the cores, these switches are part of what a
 # proxy costs. Loopback only; stops everything it started.
 #
-#   bench/wakeups.sh nginx                  # nginx stream
+#   bench/wakeups.sh nginx                  # nginx stream (or haproxy)
 #   bench/wakeups.sh target/release/tcplb
 #   WORKERS=1 bench/wakeups.sh nginx        # workers (default: cores)
 #
 # Needs perf (Debian: linux-perf) with access to tracepoints (root), nginx, wrk.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-WHO=${1:?usage: bench/wakeups.sh nginx|TCPLB_BINARY}
+WHO=${1:?usage: bench/wakeups.sh nginx|haproxy|TCPLB_BINARY}
 WORKERS=${WORKERS:-$(nproc)}
 for tool in perf nginx wrk; do
     command -v $tool >/dev/null || { echo "wakeups.sh: needs $tool" >&2; exit 2; }
 done
-[ "$WHO" = nginx ] || [ -x "$WHO" ] || { echo "wakeups.sh: not an executable (nor 'nginx'): $WHO" >&2; exit 2; }
+case $WHO in nginx | haproxy) ;; *) [ -x "$WHO" ] || { echo "wakeups.sh: not an executable (nor nginx or haproxy): $WHO" >&2; exit 2; } ;; esac
 
 B1=18481; B2=18482; LB=18484
 require_free_ports $B1 $B2 $LB
