@@ -33,27 +33,14 @@ case $WORKLOAD in
 esac
 WORKERS=${WORKERS:-$(nproc)}
 for bin in "$A" "$B"; do
-    case $bin in nginx | haproxy) ;; *) [ -x "$bin" ] || { echo "ab.sh: not an executable (nor nginx or haproxy): $bin" >&2; exit 2; } ;; esac
+    require_lb "$bin"
 done
-for tool in nginx haproxy wrk; do
+for tool in nginx wrk; do
     command -v $tool >/dev/null || { echo "ab.sh: needs $tool (bench/compare.sh installs it)" >&2; exit 2; }
 done
 
-B1=18481; B2=18482; LB=18484
-require_free_ports $B1 $B2 $LB
-
-WORK=$(mktemp -d /tmp/tcplb-ab.XXXXXX)
-cleanup() {
-    stop_lb "$WORK"
-    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
-    sleep 0.3
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_http_backends "$WORK" $B1 $B2
-one() { # tcplb binary or "nginx" -> "req/s proxy-CPU machine-CPU" (µs per request)
+one_lb_setup ab
+one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU" (µs per request)
     start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB/" >/dev/null # warm-up
     local c0 c1 m0 m1

@@ -80,17 +80,7 @@ setsid python3 "$WORK/sink.py" $SINK & PIDS+=($!)
 
 # --- proxies
 cat > "$WORK/haproxy.cfg" <<CONF
-global
-    nbthread $CORES
-    maxconn $MAXCONN
-    maxpipes 200
-    tune.bufsize 16384
-defaults
-    mode tcp
-    balance roundrobin
-    timeout connect 3s
-    timeout client 1h
-    timeout server 1h
+$(haproxy_head "$CORES" "maxconn $MAXCONN" "maxpipes 200")
 frontend http
     bind 127.0.0.1:${HTTP_PORT[haproxy]}
     default_backend http

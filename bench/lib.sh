@@ -48,6 +48,43 @@ tcplb_defaults() {
     printf '[defaults]\nprotocol = "tcp"\naccess_log = false\n'
 }
 
+# Exits 2 unless WHO is an installed nginx or haproxy, or an executable (a tcplb build).
+require_lb() { # WHO
+    case $1 in
+        nginx | haproxy)
+            command -v "$1" >/dev/null || { echo "$(basename "$0"): needs $1 (bench/compare.sh installs it)" >&2; exit 2; } ;;
+        *) [ -x "$1" ] || { echo "$(basename "$0"): not an executable (nor nginx or haproxy): $1" >&2; exit 2; } ;;
+    esac
+}
+
+# For the scripts that measure one load balancer at a time (ab.sh,
+# wakeups.sh): checks the ports, makes WORK (a temporary directory), starts
+# the two nginx backends on B1 and B2 (the balancer goes on LB), and stops
+# everything on exit, also on Ctrl-C.
+one_lb_setup() { # NAME
+    B1=18481; B2=18482; LB=18484
+    require_free_ports $B1 $B2 $LB
+    WORK=$(mktemp -d "/tmp/tcplb-$1.XXXXXX")
+    trap one_lb_cleanup EXIT
+    trap 'exit 130' INT TERM
+    start_http_backends "$WORK" $B1 $B2
+}
+one_lb_cleanup() {
+    stop_lb "$WORK"
+    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
+    sleep 0.3
+    rm -rf "$WORK"
+}
+
+# The global and defaults sections of every benchmarked HAProxy: mode tcp,
+# round robin, 16 KiB buffers; extra global lines as arguments.
+haproxy_head() { # THREADS [GLOBAL-LINE...]
+    printf 'global\n    nbthread %s\n    tune.bufsize 16384\n' "$1"
+    shift
+    for line in "$@"; do printf '    %s\n' "$line"; done
+    printf 'defaults\n    mode tcp\n    balance roundrobin\n    timeout connect 3s\n    timeout client 1h\n    timeout server 1h\n'
+}
+
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
@@ -74,15 +111,7 @@ CONF
         LB_PID=$(cat "$dir/nginx-lb.pid")
     elif [ "$who" = haproxy ]; then
         cat > "$dir/haproxy.cfg" <<CONF
-global
-    nbthread $workers
-    tune.bufsize 16384
-defaults
-    mode tcp
-    balance roundrobin
-    timeout connect 3s
-    timeout client 1h
-    timeout server 1h
+$(haproxy_head "$workers")
 frontend http
     bind 127.0.0.1:$port
     default_backend http

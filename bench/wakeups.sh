@@ -17,21 +17,9 @@ WORKERS=${WORKERS:-$(nproc)}
 for tool in perf nginx wrk; do
     command -v $tool >/dev/null || { echo "wakeups.sh: needs $tool" >&2; exit 2; }
 done
-case $WHO in nginx | haproxy) ;; *) [ -x "$WHO" ] || { echo "wakeups.sh: not an executable (nor nginx or haproxy): $WHO" >&2; exit 2; } ;; esac
+require_lb "$WHO"
 
-B1=18481; B2=18482; LB=18484
-require_free_ports $B1 $B2 $LB
-WORK=$(mktemp -d /tmp/tcplb-wakeups.XXXXXX)
-cleanup() {
-    stop_lb "$WORK"
-    [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
-    sleep 0.3
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_http_backends "$WORK" $B1 $B2
+one_lb_setup wakeups
 start_lb "$WORK" "$WHO" "$WORKERS" $LB $B1 $B2
 tids() { for p in "$@"; do ls "/proc/$p/task"; done | tr '\n' ' '; }
 BE=$(cat "$WORK/nginx-be.pid")
