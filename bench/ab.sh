@@ -40,20 +40,22 @@ for tool in nginx wrk; do
 done
 
 one_lb_setup ab
-one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU" (µs per request)
+one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99" (CPU in µs per request, p99 in ms)
     start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB/" >/dev/null # warm-up
     local c0 c1 m0 m1
     c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
-    wrk -t1 -c50 -d"$DURATION" -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out"
+    wrk -t1 -c50 -d"$DURATION" --latency -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out"
     c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
     stop_lb "$WORK"
     awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
-        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
-        END { if (n > 0) printf "%s %.1f %.1f\n", r, t * us / n, m * us / n; else print "0 nan nan" }' "$WORK/wrk.out"
+        function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s
+            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return "nan" }
+        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 } $1 == "99%" { p99 = ms($2) }
+        END { if (n > 0) printf "%s %.1f %.1f %.3f\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }' "$WORK/wrk.out"
 }
 
-echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request ($WORKLOAD, $WORKERS workers)"
+echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $WORKERS workers)"
 : > "$WORK/rounds"
 for i in $(seq 1 "$ROUNDS"); do
     if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi
@@ -62,12 +64,12 @@ done
 python3 - "$WORK/rounds" <<'PY'
 import math, statistics, sys
 rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
-rows = [r for r in rows if r[0] > 0 and r[3] > 0 and not math.isnan(sum(r))]
+rows = [r for r in rows if r[0] > 0 and r[4] > 0 and not math.isnan(sum(r))]
 if not rows:
     sys.exit("ab.sh: no round measured anything")
 def ratio(i):
-    return statistics.median(r[3 + i] / r[i] for r in rows)
+    return statistics.median(r[4 + i] / r[i] for r in rows)
 print(f"B/A over {len(rows)} rounds (medians of per-round ratios): req/s {ratio(0):.3f}x, "
-      f"proxy CPU per request {ratio(1):.3f}x, machine CPU per request {ratio(2):.3f}x "
-      "(CPU < 1: B is cheaper)")
+      f"proxy CPU per request {ratio(1):.3f}x, machine CPU per request {ratio(2):.3f}x, "
+      f"p99 latency {ratio(3):.3f}x (CPU and latency < 1: B is cheaper or faster)")
 PY
