@@ -10,10 +10,13 @@
 #   bench/ab.sh nginx target/release/tcplb     # head to head with nginx stream
 #   bench/ab.sh haproxy target/release/tcplb   # or HAProxy (mode tcp)
 #   WORKERS=1 bench/ab.sh nginx target/release/tcplb   # one worker each
+#   URL_PATH=/body/64k bench/ab.sh haproxy-splice target/release/tcplb
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
-# tcplb's workers have, instead of one shared socket.
+# tcplb's workers have, instead of one shared socket. URL_PATH (default /,
+# a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k
+# (BODY_SIZES in bench/lib.sh).
 #
 # Prints, per round, for A and B: req/s, the proxy's CPU µs per request (user
 # + system from /proc) and the whole machine's (client and backends too: what
@@ -32,6 +35,7 @@ case $WORKLOAD in
     *) echo "ab.sh: WORKLOAD must be close or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(nproc)}
+URL_PATH=${URL_PATH:-/}
 for bin in "$A" "$B"; do
     require_lb "$bin"
 done
@@ -42,20 +46,21 @@ done
 one_lb_setup ab
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99" (CPU in µs per request, p99 in ms)
     start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
-    wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB/" >/dev/null # warm-up
+    wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB$URL_PATH" >/dev/null # warm-up
     local c0 c1 m0 m1
     c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
-    wrk -t1 -c50 -d"$DURATION" --latency -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out"
+    wrk -t1 -c50 -d"$DURATION" --latency -H "$HEADER" "http://127.0.0.1:$LB$URL_PATH" > "$WORK/wrk.out"
     c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
     stop_lb "$WORK"
     awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
         function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s
             if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return "nan" }
         /requests in/ { n = $1 } /Requests\/sec/ { r = $2 } $1 == "99%" { p99 = ms($2) }
+        /Non-2xx/ { n = 0 } # a failed run (e.g. a wrong URL_PATH) counts as nothing
         END { if (n > 0) printf "%s %.1f %.1f %.3f\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }' "$WORK/wrk.out"
 }
 
-echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $WORKERS workers)"
+echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $URL_PATH, $WORKERS workers)"
 : > "$WORK/rounds"
 for i in $(seq 1 "$ROUNDS"); do
     if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi

@@ -161,12 +161,12 @@ fi
 sleep 1
 
 # --- workloads
-wrk_run() { # port extra-header -> "rps p50_ms p99_ms requests"
+wrk_run() { # port extra-header [path] -> "rps p50_ms p99_ms requests"
     local out
     if [ -n "$2" ]; then
-        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1/")
+        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1${3:-/}")
     else
-        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1/")
+        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1${3:-/}")
     fi
     python3 - "$out" <<'PY'
 import re, sys
@@ -215,7 +215,7 @@ proxy_pids() { # proxy -> its processes (none for direct)
         tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
-# proxy port extra-header -> "rps p50_ms p99_ms proxy-CPU machine-CPU", CPU in µs
+# proxy port extra-header [path] -> "rps p50_ms p99_ms proxy-CPU machine-CPU", CPU in µs
 # per request: the proxy's own (nan: direct) and the whole machine's busy time
 # (client, backends and proxy: what a proxy costs everything that shares the cores).
 wrk_cpu() {
@@ -223,7 +223,7 @@ wrk_cpu() {
     pids=$(proxy_pids "$1")
     [ -n "$pids" ] && c0=$(cpu_ticks $pids)
     m0=$(machine_busy_ticks)
-    read -r rps p50 p99 n < <(wrk_run "$2" "$3")
+    read -r rps p50 p99 n < <(wrk_run "$2" "$3" "${4:-/}")
     m1=$(machine_busy_ticks)
     [ -n "$pids" ] && c1=$(cpu_ticks $pids)
     awk -v r="$rps $p50 $p99" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v n="$n" -v us="$TICK_US" -v has="$pids" \
@@ -247,7 +247,11 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r cl _ _ cpu_cl mach_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
         i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
-        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl" | tee -a "$RESULTS" >&2
+        # Responses of 64 KiB (the others are 19 bytes): what a web page or
+        # a larger API answer costs, where the size of the proxy's buffers
+        # shows (HAProxy's and nginx's are 16 KiB by default, tcplb's 64 KiB).
+        read -r ka64 _ _ cpu_ka64 _ < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "" /body/64k)
+        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl $ka64 $cpu_ka64" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -298,7 +302,8 @@ if ab:
 metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
            ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
            ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9),
-           ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11)]
+           ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11),
+           ("keep-alive req/s, 64 KiB responses", 12), ("proxy CPU µs/req (keep-alive, 64 KiB)", 13)]
 def lower_better(name):  # latency and CPU
     return name.startswith("p") or "CPU" in name
 rounds = sorted({r[0] for r in rows})

@@ -24,9 +24,16 @@ PY
     fi
 }
 
-# Starts one nginx serving a short body on two ports (the HTTP backends);
+# Starts one nginx serving a short body on two ports (the HTTP backends), and
+# larger ones under /body/ (BODY_SIZES, in KiB: /body/64k is 65 536 bytes);
 # its pid goes to DIR/nginx-be.pid.
+BODY_SIZES="1 16 64 256 1024"
 start_http_backends() { # DIR PORT1 PORT2
+    mkdir -p "$1/www"
+    chmod 755 "$1" "$1/www" # nginx's workers run as another user
+    for kib in $BODY_SIZES; do
+        head -c $((kib * 1024)) /dev/zero | tr '\0' x > "$1/www/${kib}k"
+    done
     cat > "$1/nginx-be.conf" <<CONF
 worker_processes 1;
 pid $1/nginx-be.pid;
@@ -35,8 +42,9 @@ events { worker_connections 4096; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    server { listen 127.0.0.1:$2 backlog=4096; location / { return 200 "hello from backend\n"; } }
-    server { listen 127.0.0.1:$3 backlog=4096; location / { return 200 "hello from backend\n"; } }
+    sendfile on;
+    server { listen 127.0.0.1:$2 backlog=4096; location / { return 200 "hello from backend\n"; } location /body/ { alias $1/www/; } }
+    server { listen 127.0.0.1:$3 backlog=4096; location / { return 200 "hello from backend\n"; } location /body/ { alias $1/www/; } }
 }
 CONF
     nginx -c "$1/nginx-be.conf"
@@ -51,9 +59,9 @@ tcplb_defaults() {
 # Exits 2 unless WHO is an installed nginx or haproxy, or an executable (a tcplb build).
 require_lb() { # WHO
     case $1 in
-        nginx | haproxy)
-            command -v "$1" >/dev/null || { echo "$(basename "$0"): needs $1 (bench/compare.sh installs it)" >&2; exit 2; } ;;
-        *) [ -x "$1" ] || { echo "$(basename "$0"): not an executable (nor nginx or haproxy): $1" >&2; exit 2; } ;;
+        nginx | haproxy | haproxy-splice)
+            command -v "${1%-splice}" >/dev/null || { echo "$(basename "$0"): needs ${1%-splice} (bench/compare.sh installs it)" >&2; exit 2; } ;;
+        *) [ -x "$1" ] || { echo "$(basename "$0"): not an executable (nor nginx, haproxy or haproxy-splice): $1" >&2; exit 2; } ;;
     esac
 }
 
@@ -88,8 +96,9 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
-# NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers)
-# or a tcplb binary (--threads WORKERS). Sets LB_PID (what
+# NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers),
+# "haproxy-splice" (the same with splice both ways) or a tcplb binary
+# (--threads WORKERS). Sets LB_PID (what
 # stop_lb stops) and LB_PIDS (every process to measure).
 start_lb() { # DIR WHO WORKERS PORT B1 B2
     local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport=""
@@ -109,11 +118,12 @@ CONF
         nginx -c "$dir/nginx-lb.conf"
         sleep 0.5
         LB_PID=$(cat "$dir/nginx-lb.pid")
-    elif [ "$who" = haproxy ]; then
+    elif [ "$who" = haproxy ] || [ "$who" = haproxy-splice ]; then
         cat > "$dir/haproxy.cfg" <<CONF
 $(haproxy_head "$workers")
 frontend http
     bind 127.0.0.1:$port
+$([ "$who" = haproxy-splice ] && printf '    option splice-request\n    option splice-response\n')
     default_backend http
 backend http
     server b1 127.0.0.1:$b1
