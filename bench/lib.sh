@@ -98,7 +98,8 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
 # NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers),
 # "haproxy-splice" (the same with splice both ways) or a tcplb binary
-# (--threads WORKERS). Sets LB_PID (what
+# (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"').
+# Sets LB_PID (what
 # stop_lb stops) and LB_PIDS (every process to measure).
 start_lb() { # DIR WHO WORKERS PORT B1 B2
     local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport=""
@@ -134,6 +135,7 @@ CONF
     else
         cat > "$dir/lb.toml" <<CONF
 $(tcplb_defaults)
+${TCPLB_EXTRA:-}
 [[listener]]
 name = "http"
 listen = "127.0.0.1:$port"
