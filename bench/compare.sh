@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of tcplb, HAProxy (mode tcp, with and without
 # splice) and nginx stream, plus a direct connection (the physical limit).
-# Loopback only; bounded in time (about 5 minutes with the defaults); stops
+# Loopback only; bounded in time (about 7 minutes with the defaults); stops
 # everything it started, also on Ctrl-C. Prints a Markdown table.
 #
 #   bench/compare.sh                 # 3 rounds
