@@ -317,7 +317,7 @@ def median(vs):  # of the rounds that measured something (a failed run is nan)
     return statistics.median(vs) if vs else math.nan
 med = {(p, i): median(val(r, p, i) for r in rounds) for p in proxies for _, i in metrics}
 # Ratios per round, then the median ratio (absolute numbers drift on a shared machine).
-def ratio(p, q_list, i, lower_better=False):
+def ratios(p, q_list, i, lower_better=False):  # one per round
     rs = []
     for r in rounds:
         a = val(r, p, i)
@@ -326,6 +326,9 @@ def ratio(p, q_list, i, lower_better=False):
         if math.isnan(a) or math.isnan(b):
             continue  # not measured (the direct path has no proxy CPU, or a run failed)
         rs.append((b / a if lower_better else a / b) if a and b else 0.0)
+    return rs
+def ratio(p, q_list, i, lower_better=False):
+    rs = ratios(p, q_list, i, lower_better)
     return statistics.median(rs) if rs else None
 def cell(v):
     if v is None or math.isnan(v):
@@ -345,13 +348,18 @@ for name, i in metrics:
 # The best of three noisy peers is biased upwards (a maximum of samples), so
 # also compare with each peer on its own: an equal proxy scores 1.0 here.
 others = peers + (["tcplb-b"] if ab else [])
-print("\ntcplb / each peer (median of per-round ratios):\n")
+# The spread of the per-round ratios shows how far one run can be trusted:
+# a median of 0.95x whose rounds range from 0.85 to 1.10 is not a loss.
+print("\ntcplb / each peer: median of per-round ratios (lowest-highest round):\n")
 print("| metric | " + " | ".join(others) + " |")
 print("|---|" + "---|" * len(others))
+def spread(rs):
+    if not rs:
+        return "-"
+    return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
 for name, i in metrics:
     lower = lower_better(name)
-    x = lambda r: "-" if r is None else f"{r:.2f}x"
-    print(f"| {name} | " + " | ".join(x(ratio("tcplb", [q], i, lower)) for q in others) + " |")
+    print(f"| {name} | " + " | ".join(spread(ratios("tcplb", [q], i, lower)) for q in others) + " |")
 mem = [l.split() for l in open(sys.argv[2]) if l.strip()]
 if mem:
     n = int(sys.argv[3])
