@@ -270,9 +270,11 @@ async fn pump(
             pipe = Pipe::new();
         }
     }
-    if let Some(pipe) = &pipe {
+    if let Some(pipe) = pipe {
         // Boxed: its state would otherwise sit in every connection's future.
-        Box::pin(splice_loop(from.as_ref(), to.as_ref(), pipe, counters, activity)).await?;
+        Box::pin(splice_loop(from.as_ref(), to.as_ref(), &pipe, counters, activity)).await?;
+        // At EOF the pipe has been drained: another connection may use it.
+        pipe.recycle();
     }
     if activity.end_is_last() {
         // Both directions are done and both sockets are about to be closed:
@@ -304,12 +306,44 @@ struct Pipe {
     w: std::os::fd::OwnedFd,
 }
 
+/// Empty pipes kept for the next spliced directions, as HAProxy keeps a
+/// pool: making one costs four syscalls (pipe2, F_SETPIPE_SZ, and two close()
+/// later) and the kernel's 1 MiB pipe setup. Each worker keeps its own (no
+/// lock), but all of them together at most this many: an empty pooled pipe
+/// holds no data pages, yet its 1 MiB still counts against the per-user pipe
+/// quota (`pipe-user-pages-soft`, 64 MiB by default), which the live
+/// connections' pipes need more. With `splice = "on"` and a new connection
+/// per request: 1.019× req/s at 0.961× CPU per connection; 16 per worker
+/// without the cap read 1.03-1.07× at 0.89-0.93× (docs/benchmarks.md).
+const PIPE_POOL: usize = 8;
+
+/// Pipes in all the workers' pools.
+static POOLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One worker's pooled pipes; a worker that ends closes them and gives
+/// their places in [`POOLED`] back.
+struct Pool(Vec<Pipe>);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        POOLED.fetch_sub(self.0.len(), Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Pool> = const { std::cell::RefCell::new(Pool(Vec::new())) };
+}
+
 impl Pipe {
-    /// A new pipe of at least [`PIPE_SIZE`], or None to keep copying: out of
-    /// descriptors, or past the per-user pipe quota (`pipe-user-pages-soft`),
-    /// where Linux hands out two-page pipes that would move less per call
-    /// than a plain copy does.
+    /// An empty pipe of at least [`PIPE_SIZE`]: from this thread's pool, else
+    /// a new one. None to keep copying: out of descriptors, or past the
+    /// per-user pipe quota (`pipe-user-pages-soft`), where Linux hands out
+    /// two-page pipes that would move less per call than a plain copy does.
     fn new() -> Option<Pipe> {
+        if let Some(pipe) = PIPES.with(|p| p.borrow_mut().0.pop()) {
+            POOLED.fetch_sub(1, Ordering::Relaxed);
+            return Some(pipe);
+        }
         use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
         let made = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
             .and_then(|(r, w)| fcntl_setpipe_size(&w, PIPE_SIZE).map(|_| Pipe { r, w }));
@@ -318,6 +352,23 @@ impl Pipe {
             Err(e) => {
                 tracing::debug!(error = %e, "no pipe for splice: copying instead");
                 None
+            }
+        }
+    }
+
+    /// Gives the pipe back to this thread's pool, or closes it when the pool
+    /// is full. Only an empty pipe is kept: bytes of one connection left in
+    /// a pipe must never reach another one. Callers return pipes only after
+    /// draining them, and the kernel's count is checked all the same.
+    fn recycle(self) {
+        // Anything but a count of zero (bytes left, or an error): dropped,
+        // which closes it.
+        if let Ok(0) = rustix::io::ioctl_fionread(&self.r) {
+            let room = POOLED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < PIPE_POOL).then_some(n + 1)
+            });
+            if room.is_ok() {
+                PIPES.with(|p| p.borrow_mut().0.push(self));
             }
         }
     }
@@ -501,4 +552,51 @@ pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// This thread's pooled pipes.
+    fn pooled() -> usize {
+        PIPES.with(|p| p.borrow().0.len())
+    }
+
+    // One test, not several: the cap is shared by every thread of the process.
+    #[test]
+    fn pooled_pipes_are_empty_reused_and_bounded() {
+        let pipe = Pipe::new().unwrap();
+        let fd = pipe.r.as_raw_fd();
+        pipe.recycle();
+        assert_eq!(pooled(), 1);
+        let again = Pipe::new().unwrap();
+        assert_eq!(again.r.as_raw_fd(), fd, "the pooled pipe is handed out first");
+        assert_eq!(pooled(), 0);
+
+        // A pipe with a byte left in it must not be handed to anyone else.
+        rustix::io::write(&again.w, b"x").unwrap();
+        again.recycle();
+        assert_eq!(pooled(), 0);
+
+        let pipes: Vec<Pipe> = (0..PIPE_POOL + 4).filter_map(|_| Pipe::new()).collect();
+        assert_eq!(pipes.len(), PIPE_POOL + 4);
+        for p in pipes {
+            p.recycle();
+        }
+        assert_eq!(pooled(), PIPE_POOL);
+        assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL);
+
+        // A thread that ends gives its places back.
+        drop(Pipe::new().unwrap()); // one place free
+        std::thread::spawn(|| {
+            Pipe::new().unwrap().recycle();
+            assert_eq!(pooled(), 1);
+            assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL - 1);
+    }
 }
