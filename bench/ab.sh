@@ -44,20 +44,8 @@ for tool in nginx wrk; do
 done
 
 one_lb_setup ab
-one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99" (CPU in µs per request, p99 in ms)
-    start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
-    wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB$URL_PATH" >/dev/null # warm-up
-    local c0 c1 m0 m1
-    c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
-    wrk -t1 -c50 -d"$DURATION" --latency -H "$HEADER" "http://127.0.0.1:$LB$URL_PATH" > "$WORK/wrk.out"
-    c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
-    stop_lb "$WORK"
-    awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
-        function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s
-            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return "nan" }
-        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 } $1 == "99%" { p99 = ms($2) }
-        /Non-2xx/ { n = 0 } # a failed run (e.g. a wrong URL_PATH) counts as nothing
-        END { if (n > 0) printf "%s %.1f %.1f %.3f\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }' "$WORK/wrk.out"
+one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"
+    lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
 }
 
 echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $URL_PATH, $WORKERS workers)"

@@ -238,11 +238,8 @@ RESULTS=$WORK/results.txt
 # the position is worth up to 10% here (an A/A run read 1.04-1.05x in fixed
 # order; bench/ab.sh's pairs show the same effect, cancelled the same way).
 for round in $(seq 1 "$ROUNDS"); do
-    order=("${PROXIES[@]}")
-    if [ $((round % 2)) = 0 ]; then
-        order=(); for ((j = ${#PROXIES[@]} - 1; j >= 0; j--)); do order+=("${PROXIES[j]}"); done
-    fi
-    for p in "${order[@]}"; do
+    round_order "$round" "${PROXIES[@]}"
+    for p in "${ORDER[@]}"; do
         read -r ka p50 p99 cpu_ka mach_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
         read -r cl _ _ cpu_cl mach_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
         i1=$(iperf_run "${IPERF_PORT[$p]}" 1)

@@ -176,3 +176,36 @@ machine_busy_ticks() {
     awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# One measured wrk run through one load balancer, started and stopped around
+# it (ab.sh, sizes.sh): a 1 s warm-up, then DURATION s with 50 connections.
+# Prints "req/s proxy-CPU machine-CPU p99": CPU in µs per request (the
+# proxy's own, and the whole machine's busy time), p99 in ms. A run that
+# failed requests (a non-2xx answer, a socket error) prints "0 nan nan nan".
+lb_run() { # WORK WHO WORKERS HEADER PATH DURATION
+    local work=$1 who=$2 url="http://127.0.0.1:$LB$5" c0 c1 m0 m1
+    start_lb "$work" "$who" "$3" $LB $B1 $B2
+    wrk -t1 -c50 -d1 -H "$4" "$url" >/dev/null # warm-up
+    c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
+    wrk -t1 -c50 -d"$6" --latency -H "$4" "$url" > "$work/wrk.out"
+    c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
+    stop_lb "$work"
+    awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
+        function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s
+            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return "nan" }
+        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 } $1 == "99%" { p99 = ms($2) }
+        /Non-2xx|Socket errors/ { n = 0 }
+        END { if (n > 0) printf "%s %.1f %.1f %.3f\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }' "$work/wrk.out"
+}
+
+# The order for round ROUND: as given in odd rounds, reversed in even ones
+# (A B C, C B A, ...), so that no one always runs after the same one: the
+# position is worth up to 10% here. Sets ORDER.
+round_order() { # ROUND ITEM...
+    local round=$1 j
+    shift
+    ORDER=("$@")
+    if [ $((round % 2)) = 0 ]; then
+        ORDER=(); for ((j = $#; j >= 1; j--)); do ORDER+=("${!j}"); done
+    fi
+}

@@ -31,28 +31,17 @@ PROXIES=(haproxy haproxy-splice nginx "$TCPLB")
 for who in "${PROXIES[@]}"; do require_lb "$who"; done
 
 one_lb_setup sizes
-one() { # who path -> "req/s proxy-CPU" (µs per request), 0 nan on failure
-    start_lb "$WORK" "$1" "$WORKERS" $LB $B1 $B2
-    wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$LB$2" >/dev/null # warm-up
-    local c0 c1
-    c0=$(cpu_ticks $LB_PIDS)
-    wrk -t1 -c50 -d"$DURATION" -H "$HEADER" "http://127.0.0.1:$LB$2" > "$WORK/wrk.out"
-    c1=$(cpu_ticks $LB_PIDS)
-    stop_lb "$WORK"
-    awk -v t=$((c1 - c0)) -v us="$TICK_US" '
-        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
-        /Non-2xx|Socket errors/ { n = 0 } # failed requests get no credit
-        END { if (n > 0) printf "%s %.1f\n", r, t * us / n; else print "0 nan" }' "$WORK/wrk.out"
+one() { # who path -> "req/s proxy-CPU" (µs per request), "0 nan" on failure
+    local r cpu
+    read -r r cpu _ _ < <(lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$2" "$DURATION")
+    echo "$r $cpu"
 }
 
 : > "$WORK/rows"
 for path in / $(for kib in $BODY_SIZES; do echo "/body/${kib}k"; done); do
     for round in $(seq 1 "$ROUNDS"); do
-        order=("${PROXIES[@]}")
-        if [ $((round % 2)) = 0 ]; then
-            order=(); for ((j = ${#PROXIES[@]} - 1; j >= 0; j--)); do order+=("${PROXIES[j]}"); done
-        fi
-        for who in "${order[@]}"; do
+        round_order "$round" "${PROXIES[@]}"
+        for who in "${ORDER[@]}"; do
             name=$who; [ "$who" = "$TCPLB" ] && name=tcplb
             echo "$path $round $name $(one "$who" "$path")" | tee -a "$WORK/rows" >&2
         done
