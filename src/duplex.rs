@@ -340,7 +340,8 @@ impl Pipe {
     /// per-user pipe quota (`pipe-user-pages-soft`), where Linux hands out
     /// two-page pipes that would move less per call than a plain copy does.
     fn new() -> Option<Pipe> {
-        if let Some(pipe) = PIPES.with(|p| p.borrow_mut().0.pop()) {
+        // try_with: a thread being torn down has no pool (and must not panic).
+        if let Some(pipe) = PIPES.try_with(|p| p.borrow_mut().0.pop()).ok().flatten() {
             POOLED.fetch_sub(1, Ordering::Relaxed);
             return Some(pipe);
         }
@@ -364,12 +365,14 @@ impl Pipe {
         // Anything but a count of zero (bytes left, or an error): dropped,
         // which closes it.
         if let Ok(0) = rustix::io::ioctl_fionread(&self.r) {
-            let room = POOLED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < PIPE_POOL).then_some(n + 1)
+            let _ = PIPES.try_with(|p| {
+                let room = POOLED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < PIPE_POOL).then_some(n + 1)
+                });
+                if room.is_ok() {
+                    p.borrow_mut().0.push(self);
+                }
             });
-            if room.is_ok() {
-                PIPES.with(|p| p.borrow_mut().0.push(self));
-            }
         }
     }
 }
