@@ -73,7 +73,21 @@ async fn metrics_move_exactly_with_the_traffic() {
     let b = svc.backend(echo).unwrap();
     assert!(eventually(T, || b.active() == 0).await);
 
-    let m = scrape(admin).await;
+    // A connection leaves its backend's active count just before its
+    // duration is recorded: scrape until the last one is in.
+    let ended = |m: &Samples| {
+        let key = (
+            "tcplb_connection_duration_seconds_count".to_string(),
+            vec![("listener".to_string(), "test".to_string())],
+        );
+        m.get(&key).copied().unwrap_or(0.0) >= 4.0
+    };
+    let deadline = tokio::time::Instant::now() + T;
+    let mut m = scrape(admin).await;
+    while !ended(&m) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = scrape(admin).await;
+    }
     let eb = [("listener", "test"), ("backend", e.as_str())];
     assert_eq!(get(&m, "tcplb_connections_total", &eb), 4.0);
     assert_eq!(get(&m, "tcplb_connections_active", &eb), 0.0);
