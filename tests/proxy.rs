@@ -365,7 +365,7 @@ async fn every_splice_mode_moves_bytes_identically_with_half_close() {
         l.splice = mode;
         l.protocol = Protocol::Tcp;
         let lb = start_one(l).await;
-        // Bulk (auto switches to splice after 1 MiB) and small.
+        // Bulk (auto switches to splice at once, or after 1 MiB) and small.
         for (len, seed) in [(8 << 20, 11u64), (1000, 12)] {
             let data = random_bytes(len, seed);
             let want = digest(&data);

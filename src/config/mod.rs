@@ -252,7 +252,8 @@ impl StrategyKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpliceMode {
-    /// Copy; switch a direction to splice once it has moved 1 MiB (bulk).
+    /// Copy; switch a direction to splice once it has moved 1 MiB, or once
+    /// a 64 KiB read leaves 64 KiB more waiting (bulk).
     Auto,
     /// Splice every direction from its first byte.
     On,
