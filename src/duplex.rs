@@ -234,7 +234,7 @@ async fn pump(
     to: &mut WriteHalf<'_>,
     counters: [&AtomicU64; 2],
     activity: &Activity,
-    mode: SpliceMode,
+    mut mode: SpliceMode,
 ) -> Result<(), Fault> {
     let mut pipe = match mode {
         SpliceMode::On => Pipe::new(),
@@ -268,6 +268,11 @@ async fn pump(
         if mode == SpliceMode::Auto && (total >= BULK || (read == SCRATCH && burst(from))) {
             // A bulk transfer: worth the pipe's two descriptors.
             pipe = Pipe::new();
+            if pipe.is_none() {
+                // None to be had: this direction keeps copying, instead of
+                // trying pipe2 and F_SETPIPE_SZ again on every read.
+                mode = SpliceMode::Off;
+            }
         }
     }
     if let Some(pipe) = pipe {
