@@ -47,12 +47,17 @@ async fn scrape(admin: SocketAddr) -> Samples {
     out
 }
 
-fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// The sample with this name and these labels, if scraped.
+fn sample(m: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut l: Vec<(String, String)> =
         labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     l.sort();
-    *m.get(&(name.to_string(), l.clone())).unwrap_or_else(|| {
-        panic!("no {name} {l:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
+    m.get(&(name.to_string(), l)).copied()
+}
+
+fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(m, name, labels).unwrap_or_else(|| {
+        panic!("no {name} {labels:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
     })
 }
 
@@ -76,11 +81,8 @@ async fn metrics_move_exactly_with_the_traffic() {
     // A connection leaves its backend's active count just before its
     // duration is recorded: scrape until the last one is in.
     let ended = |m: &Samples| {
-        let key = (
-            "tcplb_connection_duration_seconds_count".to_string(),
-            vec![("listener".to_string(), "test".to_string())],
-        );
-        m.get(&key).copied().unwrap_or(0.0) >= 4.0
+        let count = sample(m, "tcplb_connection_duration_seconds_count", &[("listener", "test")]);
+        count.unwrap_or(0.0) >= 4.0
     };
     let deadline = tokio::time::Instant::now() + T;
     let mut m = scrape(admin).await;
