@@ -236,15 +236,25 @@ async fn pump(
     activity: &Activity,
     mut mode: SpliceMode,
 ) -> Result<(), Fault> {
-    let mut pipe = match mode {
-        SpliceMode::On => Pipe::new(),
-        _ => None,
-    };
     // Bytes read but not yet written: only ever non-empty under backpressure.
     let mut pending: Vec<u8> = Vec::new();
     // Bytes this direction has moved, for the auto switch to splice.
     let mut total = 0u64;
-    while pipe.is_none() {
+    // Whether this direction forwards with splice(2): `on` from the first
+    // byte, `auto` once it turns out to carry bulk data.
+    let mut splicing = mode == SpliceMode::On;
+    loop {
+        if splicing {
+            // Boxed: its state would otherwise sit in every connection's future.
+            match Box::pin(splice_loop(from.as_ref(), to.as_ref(), counters, activity)).await? {
+                Spliced::Eof => break,
+                Spliced::NoPipe => {
+                    // None to be had: this direction keeps copying, instead
+                    // of trying pipe2 and F_SETPIPE_SZ again on every read.
+                    mode = SpliceMode::Off;
+                }
+            }
+        }
         let (read, written) = match forward(from, to, &mut pending, |_| {}).await {
             Step::Eof => break,
             Step::ReadError(e) => return Err(Fault::Read(e)),
@@ -265,21 +275,8 @@ async fn pump(
             c.fetch_add(moved, Ordering::Relaxed);
         }
         total += read as u64;
-        if mode == SpliceMode::Auto && (total >= BULK || (read == SCRATCH && burst(from))) {
-            // A bulk transfer: worth the pipe's two descriptors.
-            pipe = Pipe::new();
-            if pipe.is_none() {
-                // None to be had: this direction keeps copying, instead of
-                // trying pipe2 and F_SETPIPE_SZ again on every read.
-                mode = SpliceMode::Off;
-            }
-        }
-    }
-    if let Some(pipe) = pipe {
-        // Boxed: its state would otherwise sit in every connection's future.
-        Box::pin(splice_loop(from.as_ref(), to.as_ref(), &pipe, counters, activity)).await?;
-        // At EOF the pipe has been drained: another connection may use it.
-        pipe.recycle();
+        // A bulk transfer: worth a pipe.
+        splicing = mode == SpliceMode::Auto && (total >= BULK || (read == SCRATCH && burst(from)));
     }
     if activity.end_is_last() {
         // Both directions are done and both sockets are about to be closed:
@@ -325,7 +322,8 @@ struct Pipe {
 /// Empty pipes kept for the next spliced directions, as HAProxy keeps a
 /// pool: making one costs four syscalls (pipe2, F_SETPIPE_SZ, and two close()
 /// later) and the kernel's 1 MiB pipe setup. Each worker keeps its own (no
-/// lock), but all of them together at most this many: an empty pooled pipe
+/// lock), but all of them together at most this many, apart from the one
+/// each worker always keeps ([`Pipe::recycle`]): an empty pooled pipe
 /// holds no data pages, yet its 1 MiB still counts against the per-user pipe
 /// quota (`pipe-user-pages-soft`, 64 MiB by default), which the live
 /// connections' pipes need more. With `splice = "on"` and a new connection
@@ -377,53 +375,85 @@ impl Pipe {
     /// is full. Only an empty pipe is kept: bytes of one connection left in
     /// a pipe must never reach another one. Callers return pipes only after
     /// draining them, and the kernel's count is checked all the same.
+    ///
+    /// A worker always keeps one pipe, even past [`PIPE_POOL`]: its spliced
+    /// directions hand their pipe back whenever their source runs dry and
+    /// take one again on the next read, so without one of its own a worker
+    /// would make and close a pipe per message while another hoards the pool.
     fn recycle(self) {
         // Anything but a count of zero (bytes left, or an error): dropped,
         // which closes it.
         if let Ok(0) = rustix::io::ioctl_fionread(&self.r) {
             let _ = PIPES.try_with(|p| {
-                let room = POOLED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n < PIPE_POOL).then_some(n + 1)
-                });
-                if room.is_ok() {
-                    p.borrow_mut().0.push(self);
+                let mut p = p.borrow_mut();
+                let room = if p.0.is_empty() {
+                    POOLED.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else {
+                    POOLED
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n < PIPE_POOL).then_some(n + 1)
+                        })
+                        .is_ok()
+                };
+                if room {
+                    p.0.push(self);
                 }
             });
         }
     }
 }
 
-/// Moves `from` → `to` through `pipe` with splice(2) until EOF. The pipe is
+/// How [`splice_loop`] ended.
+enum Spliced {
+    /// The source is at end of stream, and everything has been passed on.
+    Eof,
+    /// No pipe could be had (none pooled, and no descriptor or pipe quota
+    /// left for a new one); nothing is in flight.
+    NoPipe,
+}
+
+/// Moves `from` → `to` with splice(2) through a pipe until EOF. The pipe is
 /// always drained completely before more is spliced in, so an EAGAIN when
 /// filling it means the socket is empty (never that the pipe is full), and an
 /// EAGAIN when draining means the destination is full.
+///
+/// A pipe is held only while bytes are in flight: when the source runs dry
+/// the (empty) pipe goes back to the worker's pool, and the next readable
+/// event takes one again, usually the same. So a quiet keep-alive connection
+/// holds no pipe, and no pipe quota (`pipe-user-pages-soft`): a worker needs
+/// about one pipe per direction that is moving bytes at that moment.
 async fn splice_loop(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &Pipe,
     counters: [&AtomicU64; 2],
     activity: &Activity,
-) -> Result<(), Fault> {
+) -> Result<Spliced, Fault> {
     use rustix::pipe::{splice, SpliceFlags};
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    let mut held: Option<Pipe> = None;
     loop {
-        let n = loop {
+        let (pipe, n) = loop {
             from.readable().await.map_err(Fault::Read)?;
+            let Some(pipe) = held.take().or_else(Pipe::new) else {
+                return Ok(Spliced::NoPipe);
+            };
             let r = from.try_io(Interest::READABLE, || {
                 splice(from, None, &pipe.w, None, PIPE_SIZE, flags).map_err(io::Error::from)
             });
             match r {
-                Ok(n) => break n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Ok(n) => break (pipe, n),
+                // The socket is empty, and so is the pipe: give it back
+                // while this direction waits.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.recycle(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => held = Some(pipe),
+                // The pipe is dropped (closed), not pooled.
                 Err(e) => return Err(Fault::Read(e)),
             }
         };
         if n == 0 {
-            return Ok(());
+            pipe.recycle();
+            return Ok(Spliced::Eof);
         }
         activity.touch();
         let mut left = n;
@@ -446,6 +476,7 @@ async fn splice_loop(
         for c in counters {
             c.fetch_add(n as u64, Ordering::Relaxed);
         }
+        held = Some(pipe);
     }
 }
 
@@ -607,15 +638,21 @@ mod tests {
         assert_eq!(pooled(), PIPE_POOL);
         assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL);
 
-        // A thread that ends gives its places back.
-        drop(Pipe::new().unwrap()); // one place free
+        // Another worker keeps one pipe of its own past the cap, but no more;
+        // a thread that ends gives its places back.
         std::thread::spawn(|| {
             Pipe::new().unwrap().recycle();
+            Pipe::new().unwrap().recycle();
+            let (a, b) = (Pipe::new().unwrap(), Pipe::new().unwrap());
+            a.recycle();
+            b.recycle();
             assert_eq!(pooled(), 1);
-            assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL);
+            assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL + 1);
         })
         .join()
         .unwrap();
+        assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL);
+        drop(Pipe::new().unwrap());
         assert_eq!(POOLED.load(Ordering::Relaxed), PIPE_POOL - 1);
     }
 }

@@ -1,0 +1,75 @@
+//! Splice pipes are held only while bytes are in flight. Its own test binary:
+//! it counts the pipe descriptors of the whole process, which tests running
+//! alongside in the same binary would disturb.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tcplb::config::{Protocol, SpliceMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Pipe descriptors this process holds.
+fn pipes_open() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .count()
+}
+
+/// Echoes `data` over an open connection and checks it comes back whole.
+async fn echo_on(s: &mut TcpStream, data: &[u8]) {
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; data.len()];
+    let (wrote, read) =
+        tokio::time::timeout(T, async { tokio::join!(w.write_all(data), r.read_exact(&mut back)) })
+            .await
+            .expect("echo timed out");
+    wrote.expect("write");
+    read.expect("read back");
+    assert_eq!(digest(&back), digest(data));
+}
+
+/// Keep-alive connections that once moved bulk data, then went quiet, must
+/// not each keep two 1 MiB pipes: those count against the per-user pipe
+/// quota (64 MiB by default), and once it is used up every other connection
+/// has to copy. Quiet directions give their pipes back, and take one again
+/// when bytes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_spliced_connections_hold_no_pipes() {
+    const CONNS: usize = 32;
+    let (echo, _) = echo_backend().await;
+    let mut l = listener(&[echo]);
+    l.splice = SpliceMode::On;
+    l.protocol = Protocol::Tcp;
+    let lb = start_one(l).await;
+    let before = pipes_open();
+
+    let mut conns = Vec::new();
+    for i in 0..CONNS {
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect to tcplb");
+        echo_on(&mut s, &random_bytes(200_000 + i, i as u64)).await;
+        conns.push(s);
+    }
+    // All quiet: what is left is at most the pool (8 pipes, two descriptors
+    // each), not two pipes per connection (128 descriptors).
+    let quiet = eventually(T, || pipes_open().saturating_sub(before) <= 16).await;
+    assert!(
+        quiet,
+        "{} pipe descriptors held by {CONNS} quiet spliced connections",
+        pipes_open().saturating_sub(before)
+    );
+
+    // Each quiet connection splices again, byte for byte, when bytes come.
+    for (i, s) in conns.iter_mut().enumerate() {
+        echo_on(s, &random_bytes(70_000 + i, 1000 + i as u64)).await;
+    }
+}
