@@ -161,37 +161,12 @@ fi
 sleep 1
 
 # --- workloads
-wrk_run() { # port extra-header [path] -> "rps p50_ms p99_ms requests"
-    local out
+wrk_run() { # port extra-header [path] -> "rps p50_ms p99_ms requests" (bench/lib.sh: wrk_parse)
     if [ -n "$2" ]; then
-        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1${3:-/}")
+        wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1${3:-/}" | wrk_parse
     else
-        out=$(wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1${3:-/}")
+        wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1${3:-/}" | wrk_parse
     fi
-    python3 - "$out" <<'PY'
-import re, sys
-out = sys.argv[1]
-def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
-    if not m:
-        return float("nan")
-    n, u = float(m.group(1)), m.group(2)
-    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[u]
-try:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
-    p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
-    n = int(re.search(r"(\d+) requests in", out).group(1))
-except AttributeError:
-    print("unparsable wrk output:\n" + out, file=sys.stderr)
-    print("0 nan nan 0")
-    sys.exit(0)
-errs = re.search(r"Socket errors: (.*)", out)
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-if non2xx and int(non2xx.group(1)) > 0:
-    rps = 0.0  # a proxy that fails requests does not get credit for them
-print(f"{rps:.0f} {p50:.3f} {p99:.3f} {n}")
-PY
 }
 iperf_run() { # port streams -> Gbit/s
     iperf3 -c 127.0.0.1 -p "$1" -t "$IPERF_TIME" -P "$2" -J 2>/dev/null | python3 -c '

@@ -183,19 +183,36 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # proxy's own, and the whole machine's busy time), p99 in ms. A run that
 # failed requests (a non-2xx answer, a socket error) prints "0 nan nan nan".
 lb_run() { # WORK WHO WORKERS HEADER PATH DURATION
-    local work=$1 who=$2 url="http://127.0.0.1:$LB$5" c0 c1 m0 m1
+    local work=$1 who=$2 url="http://127.0.0.1:$LB$5" c0 c1 m0 m1 r p99 n
     start_lb "$work" "$who" "$3" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$4" "$url" >/dev/null # warm-up
     c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
-    wrk -t1 -c50 -d"$6" --latency -H "$4" "$url" > "$work/wrk.out"
+    read -r r _ p99 n < <(wrk -t1 -c50 -d"$6" --latency -H "$4" "$url" | wrk_parse)
     c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
     stop_lb "$work"
-    awk -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
-        function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s
-            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return "nan" }
-        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 } $1 == "99%" { p99 = ms($2) }
-        /Non-2xx|Socket errors/ { n = 0 }
-        END { if (n > 0) printf "%s %.1f %.1f %.3f\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }' "$work/wrk.out"
+    awk -v r="$r" -v n="$n" -v p99="$p99" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
+        BEGIN { if (n > 0) printf "%s %.1f %.1f %s\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }'
+}
+
+# Reads `wrk --latency` output on stdin and prints "req/s p50_ms p99_ms
+# requests". The one rule every script applies: a run with any failed request
+# (a non-2xx/3xx answer, or a socket error: connect, read, write, timeout)
+# prints "0 nan nan 0" and says why on stderr; a proxy gets no credit for the
+# requests it failed. Output wrk cannot have produced prints the same.
+wrk_parse() {
+    awk '
+        function ms(v) { # wrk latency: 812.00us, 1.97ms, 1.02s, 1.50m
+            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
+            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return "nan" }
+        { out = out "\n" $0 }
+        /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
+        $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+        /Non-2xx|Socket errors/ { bad = bad " " $0 }
+        END {
+            if (bad != "") print "wrk: failed requests, the run counts as 0:" bad > "/dev/stderr"
+            else if (n == "" || r == "" || p50 == "" || p99 == "") print "unparsable wrk output:" out > "/dev/stderr"
+            if (bad == "" && n > 0 && r != "" && p50 != "" && p99 != "") printf "%s %.3f %.3f %d\n", r, p50, p99, n
+            else print "0 nan nan 0" }'
 }
 
 # The order for round ROUND: as given in odd rounds, reversed in even ones

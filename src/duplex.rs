@@ -447,8 +447,12 @@ async fn splice_loop(
                 // while this direction waits.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.recycle(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => held = Some(pipe),
-                // The pipe is dropped (closed), not pooled.
-                Err(e) => return Err(Fault::Read(e)),
+                // Nothing was spliced in: the pipe is still empty, and
+                // recycle() checks that all the same.
+                Err(e) => {
+                    pipe.recycle();
+                    return Err(Fault::Read(e));
+                }
             }
         };
         if n == 0 {
