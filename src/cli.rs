@@ -148,9 +148,10 @@ pub struct Cli {
     pub dns_refresh: Duration,
 
     /// Forward with splice(2) through a 1 MiB pipe (zero copy): auto
-    /// switches a direction to it once it has moved 1 MiB, or once a 64 KiB
-    /// read leaves 64 KiB more waiting (bulk); on from the first byte; off
-    /// always copies through user space.
+    /// switches a direction to it when its first message waits whole and is
+    /// 64 KiB or more, once a 64 KiB read leaves 64 KiB more waiting, or
+    /// after 1 MiB (bulk); on from the first byte; off always copies through
+    /// user space.
     #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
     pub splice: SpliceMode,
 

@@ -384,6 +384,44 @@ async fn every_splice_mode_moves_bytes_identically_with_half_close() {
     }
 }
 
+/// A server that speaks first with a large message: with `splice = "auto"`
+/// a first message already waiting in full is spliced from its first byte,
+/// later ones are copied until they turn out to be bulk. Every size around
+/// the 64 KiB switch arrives whole and in order, and so does what the client
+/// sends afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_first_messages_arrive_whole_in_auto_mode() {
+    use tcplb::config::SpliceMode;
+    const SIZES: [usize; 4] = [65_535, 65_536, 65_537 + 1800, 3_000_017];
+    let (backend, _) = serve(|mut s| async move {
+        let mut n = [0u8; 1];
+        if s.read_exact(&mut n).await.is_err() {
+            return;
+        }
+        let data = random_bytes(SIZES[n[0] as usize], n[0] as u64);
+        // Then echo whatever the client sends, until it is done.
+        let _ = s.write_all(&data).await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
+    let mut l = listener(&[backend]);
+    l.splice = SpliceMode::Auto;
+    l.protocol = Protocol::Tcp;
+    let lb = start_one(l).await;
+    for (i, &len) in SIZES.iter().enumerate() {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&[i as u8]).await.unwrap();
+        let mut got = vec![0u8; len];
+        tokio::time::timeout(T, s.read_exact(&mut got)).await.expect("timed out").unwrap();
+        assert_eq!(digest(&got), digest(&random_bytes(len, i as u64)), "{len} bytes");
+        let tail = random_bytes(100_000, 99);
+        let back = tokio::time::timeout(T, echo_over(s, tail.clone())).await.expect("timed out");
+        assert_eq!(digest(&back), digest(&tail), "after {len}");
+    }
+}
+
 /// Pipes go back to a per-worker pool when a spliced direction ends; bytes of
 /// one connection must never reach another through a reused pipe. Waves of
 /// concurrent spliced connections, each with its own data, every length

@@ -252,8 +252,9 @@ impl StrategyKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpliceMode {
-    /// Copy; switch a direction to splice once it has moved 1 MiB, or once
-    /// a 64 KiB read leaves 64 KiB more waiting (bulk).
+    /// Copy; switch a direction to splice when its first message waits whole
+    /// and is 64 KiB or more, once a 64 KiB read leaves 64 KiB more waiting,
+    /// or after 1 MiB (bulk).
     Auto,
     /// Splice every direction from its first byte.
     On,

@@ -178,7 +178,12 @@ pub fn digest(data: &[u8]) -> (usize, u64) {
 
 /// Sends `data` through `addr`, half-closes, and returns everything read back.
 pub async fn echo_through(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
-    let s = TcpStream::connect(addr).await.expect("connect to tcplb");
+    echo_over(TcpStream::connect(addr).await.expect("connect to tcplb"), data).await
+}
+
+/// Sends `data` on an open connection, half-closes, and returns everything
+/// read back until EOF.
+pub async fn echo_over(s: TcpStream, data: Vec<u8>) -> Vec<u8> {
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
         w.write_all(&data).await.expect("write");
