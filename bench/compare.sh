@@ -161,13 +161,6 @@ fi
 sleep 1
 
 # --- workloads
-wrk_run() { # port extra-header [path] -> "rps p50_ms p99_ms requests" (bench/lib.sh: wrk_parse)
-    if [ -n "$2" ]; then
-        wrk -t1 -c50 -d"${DURATION}s" --latency -H "$2" "http://127.0.0.1:$1${3:-/}" | wrk_parse
-    else
-        wrk -t1 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$1${3:-/}" | wrk_parse
-    fi
-}
 iperf_run() { # port streams -> Gbit/s
     iperf3 -c 127.0.0.1 -p "$1" -t "$IPERF_TIME" -P "$2" -J 2>/dev/null | python3 -c '
 import json, sys
@@ -190,20 +183,10 @@ proxy_pids() { # proxy -> its processes (none for direct)
         tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
-# proxy port extra-header [path] -> "rps p50_ms p99_ms proxy-CPU machine-CPU", CPU in µs
-# per request: the proxy's own (nan: direct) and the whole machine's busy time
-# (client, backends and proxy: what a proxy costs everything that shares the cores).
+# proxy port extra-header [path] -> "rps p50_ms p99_ms proxy-CPU machine-CPU"
+# (bench/lib.sh: wrk_measured; no proxy CPU for the direct path).
 wrk_cpu() {
-    local pids c0=0 c1=0 m0 m1 rps p50 p99 n
-    pids=$(proxy_pids "$1")
-    [ -n "$pids" ] && c0=$(cpu_ticks $pids)
-    m0=$(machine_busy_ticks)
-    read -r rps p50 p99 n < <(wrk_run "$2" "$3" "${4:-/}")
-    m1=$(machine_busy_ticks)
-    [ -n "$pids" ] && c1=$(cpu_ticks $pids)
-    awk -v r="$rps $p50 $p99" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v n="$n" -v us="$TICK_US" -v has="$pids" \
-        'BEGIN { printf "%s %s %s\n", r, (has != "" && n > 0) ? sprintf("%.1f", t * us / n) : "nan",
-                 (n > 0) ? sprintf("%.1f", m * us / n) : "nan" }'
+    wrk_measured "http://127.0.0.1:$2${4:-/}" "$3" "${DURATION}s" $(proxy_pids "$1")
 }
 
 RESULTS=$WORK/results.txt

@@ -177,21 +177,36 @@ machine_busy_ticks() {
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
+# One measured wrk run (50 connections for DURATION, with the HEADER line
+# unless it is empty) while the processes PID... carry it. Prints "req/s
+# p50_ms p99_ms proxy-CPU machine-CPU", CPU in µs per request: the proxy's
+# own (nan without PIDs: a direct connection) and the whole machine's busy
+# time (client, backends and proxy: what a proxy costs everything sharing the
+# cores). A run that failed requests prints "0 nan nan nan nan" (wrk_parse).
+wrk_measured() { # URL HEADER DURATION [PID...]
+    local url=$1 header=$2 duration=$3 c0=0 c1=0 m0 m1 r p50 p99 n
+    shift 3
+    [ $# -gt 0 ] && c0=$(cpu_ticks "$@")
+    m0=$(machine_busy_ticks)
+    read -r r p50 p99 n < <(wrk -t1 -c50 -d"$duration" --latency ${header:+-H "$header"} "$url" | wrk_parse)
+    m1=$(machine_busy_ticks)
+    [ $# -gt 0 ] && c1=$(cpu_ticks "$@")
+    awk -v r="$r $p50 $p99" -v n="$n" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" -v has=$# '
+        BEGIN { printf "%s %s %s\n", r, (has > 0 && n > 0) ? sprintf("%.1f", t * us / n) : "nan",
+                (n > 0) ? sprintf("%.1f", m * us / n) : "nan" }'
+}
+
 # One measured wrk run through one load balancer, started and stopped around
-# it (ab.sh, sizes.sh): a 1 s warm-up, then DURATION s with 50 connections.
-# Prints "req/s proxy-CPU machine-CPU p99": CPU in µs per request (the
-# proxy's own, and the whole machine's busy time), p99 in ms. A run that
-# failed requests (a non-2xx answer, a socket error) prints "0 nan nan nan".
+# it (ab.sh, sizes.sh): a 1 s warm-up, then wrk_measured. Prints "req/s
+# proxy-CPU machine-CPU p99" (see wrk_measured); a run that failed requests
+# prints "0 nan nan nan".
 lb_run() { # WORK WHO WORKERS HEADER PATH DURATION
-    local work=$1 who=$2 url="http://127.0.0.1:$LB$5" c0 c1 m0 m1 r p99 n
-    start_lb "$work" "$who" "$3" $LB $B1 $B2
+    local url="http://127.0.0.1:$LB$5" r p99 cpu mach
+    start_lb "$1" "$2" "$3" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$4" "$url" >/dev/null # warm-up
-    c0=$(cpu_ticks $LB_PIDS); m0=$(machine_busy_ticks)
-    read -r r _ p99 n < <(wrk -t1 -c50 -d"$6" --latency -H "$4" "$url" | wrk_parse)
-    c1=$(cpu_ticks $LB_PIDS); m1=$(machine_busy_ticks)
-    stop_lb "$work"
-    awk -v r="$r" -v n="$n" -v p99="$p99" -v t=$((c1 - c0)) -v m=$((m1 - m0)) -v us="$TICK_US" '
-        BEGIN { if (n > 0) printf "%s %.1f %.1f %s\n", r, t * us / n, m * us / n, p99; else print "0 nan nan nan" }'
+    read -r r _ p99 cpu mach < <(wrk_measured "$url" "$4" "$6" $LB_PIDS)
+    stop_lb "$1"
+    echo "$r $cpu $mach $p99"
 }
 
 # Reads `wrk --latency` output on stdin and prints "req/s p50_ms p99_ms
