@@ -303,13 +303,14 @@ async fn pump(
 const BULK: u64 = 1 << 20;
 
 /// Before a direction's first read, or after a read that filled the whole
-/// scratch buffer: whether at least as much again is already waiting in the
-/// socket, so splicing it pays for a pipe. (A response a little over 64 KiB leaves a short tail, which
-/// is cheaper to copy.) Measured with a new connection per request:
-/// 256 KiB responses 1.146× req/s at 0.885× CPU, 64 KiB 1.047×; keep-alive
-/// 64 KiB 0.996×. Checked before the first read too: 64 KiB responses on new
-/// connections 1.042× req/s at 0.909× CPU, 256 KiB 1.060× at 0.829×, 19 B
-/// 1.006× at 1.008× (docs/benchmarks.md).
+/// scratch buffer: whether at least 64 KiB (more) are already waiting in the
+/// socket, so splicing them pays for a pipe. (A response a little over
+/// 64 KiB leaves a short tail after its first full read, which is cheaper to
+/// copy.) After full reads, with a new connection per request: 256 KiB
+/// responses 1.146× req/s at 0.885× CPU, 64 KiB 1.047×; keep-alive 64 KiB
+/// 0.996×. Before the first read: 64 KiB responses on new connections
+/// 1.042× req/s at 0.909× CPU, 256 KiB 1.060× at 0.829×, 19 B 0.992-1.006×
+/// at 1.008-1.012× (docs/benchmarks.md).
 fn burst(from: &ReadHalf<'_>) -> bool {
     rustix::io::ioctl_fionread(from.as_ref()).is_ok_and(|queued| queued >= SCRATCH as u64)
 }
