@@ -150,8 +150,9 @@ pub struct Cli {
     /// Forward with splice(2) through a 1 MiB pipe (zero copy): auto
     /// switches a direction to it when its first message waits whole and is
     /// 64 KiB or more, once a 64 KiB read leaves 64 KiB more waiting, or
-    /// after 1 MiB (bulk); on from the first byte; off always copies through
-    /// user space.
+    /// when 1 MiB moves in 64 reads or fewer (bulk), and back to copying
+    /// after 64 reads that moved less (small messages); on from the first
+    /// byte; off always copies through user space.
     #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
     pub splice: SpliceMode,
 

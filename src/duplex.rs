@@ -238,8 +238,8 @@ async fn pump(
 ) -> Result<(), Fault> {
     // Bytes read but not yet written: only ever non-empty under backpressure.
     let mut pending: Vec<u8> = Vec::new();
-    // Bytes this direction has moved, for the auto switch to splice.
-    let mut total = 0u64;
+    // Recent read sizes, for `auto` to tell bulk data from chatter.
+    let mut traffic = Traffic::default();
     // Whether this direction forwards with splice(2): `on` from the first
     // byte, `auto` once it turns out to carry bulk data.
     let mut splicing = mode == SpliceMode::On;
@@ -251,14 +251,18 @@ async fn pump(
     }
     loop {
         if splicing {
+            let auto = (mode == SpliceMode::Auto).then_some(&mut traffic);
+            let spliced = splice_loop(from.as_ref(), to.as_ref(), counters, activity, auto);
             // Boxed: its state would otherwise sit in every connection's future.
-            match Box::pin(splice_loop(from.as_ref(), to.as_ref(), counters, activity)).await? {
+            match Box::pin(spliced).await? {
                 Spliced::Eof => break,
                 Spliced::NoPipe => {
                     // None to be had: this direction keeps copying, instead
                     // of trying pipe2 and F_SETPIPE_SZ again on every read.
                     mode = SpliceMode::Off;
                 }
+                // Small messages now: copying them costs fewer syscalls.
+                Spliced::Chatty => {}
             }
         }
         let (read, written) = match forward(from, to, &mut pending, |_| {}).await {
@@ -280,9 +284,9 @@ async fn pump(
         for c in counters {
             c.fetch_add(moved, Ordering::Relaxed);
         }
-        total += read as u64;
         // A bulk transfer: worth a pipe.
-        splicing = mode == SpliceMode::Auto && (total >= BULK || (read == SCRATCH && burst(from)));
+        splicing = mode == SpliceMode::Auto
+            && (traffic.record(read) == Some(Pace::Bulk) || (read == SCRATCH && burst(from)));
     }
     if activity.end_is_last() {
         // Both directions are done and both sockets are about to be closed:
@@ -298,9 +302,53 @@ async fn pump(
     }
 }
 
-/// In auto mode, a direction switches to splice after this many bytes, or
-/// sooner in a [`burst`].
+/// A [`Traffic`] window closes after this many bytes (bulk: at least 16 KiB
+/// a read on average) ...
 const BULK: u64 = 1 << 20;
+/// ... or after this many reads (chatter: less than 16 KiB a read).
+const WINDOW_READS: u32 = 64;
+
+/// How a direction's recent reads looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// 1 MiB in at most 64 reads: splicing it saves copies.
+    Bulk,
+    /// 64 reads that moved less than 1 MiB: small messages, which splice
+    /// moves with more syscalls than copying (in, out, and an in that finds
+    /// the socket empty, against one read and one write).
+    Chatty,
+}
+
+/// What `auto` knows of a direction's recent reads (copied or spliced): a
+/// window that closes after [`BULK`] bytes or [`WINDOW_READS`] reads,
+/// whichever comes first, and says which came first. A long-lived
+/// connection's total alone would not do: a keep-alive connection with small
+/// messages (a database or Redis client, say) passes 1 MiB sooner or later,
+/// and then spliced every message with twice the syscalls.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// Reads in the open window.
+    reads: u32,
+    /// Bytes in the open window.
+    bytes: u64,
+}
+
+impl Traffic {
+    /// Counts one read of `n` bytes; the window's verdict when it closes.
+    fn record(&mut self, n: usize) -> Option<Pace> {
+        self.reads += 1;
+        self.bytes += n as u64;
+        let pace = if self.bytes >= BULK {
+            Pace::Bulk
+        } else if self.reads >= WINDOW_READS {
+            Pace::Chatty
+        } else {
+            return None;
+        };
+        *self = Traffic::default();
+        Some(pace)
+    }
+}
 
 /// Before a direction's first read, or after a read that filled the whole
 /// scratch buffer: whether at least 64 KiB (more) are already waiting in the
@@ -372,7 +420,10 @@ impl Pipe {
         let made = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
             .and_then(|(r, w)| fcntl_setpipe_size(&w, PIPE_SIZE).map(|_| Pipe { r, w }));
         match made {
-            Ok(pipe) => Some(pipe),
+            Ok(pipe) => {
+                crate::metrics::SPLICE_PIPES.fetch_add(1, Ordering::Relaxed);
+                Some(pipe)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "no pipe for splice: copying instead");
                 None
@@ -413,6 +464,12 @@ impl Pipe {
     }
 }
 
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        crate::metrics::SPLICE_PIPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How [`splice_loop`] ended.
 enum Spliced {
     /// The source is at end of stream, and everything has been passed on.
@@ -420,6 +477,9 @@ enum Spliced {
     /// No pipe could be had (none pooled, and no descriptor or pipe quota
     /// left for a new one); nothing is in flight.
     NoPipe,
+    /// `auto` saw a window of small messages ([`Pace::Chatty`]); everything
+    /// has been passed on, and the pipe went back to the pool.
+    Chatty,
 }
 
 /// Moves `from` → `to` with splice(2) through a pipe until EOF. The pipe is
@@ -432,11 +492,15 @@ enum Spliced {
 /// event takes one again, usually the same. So a quiet keep-alive connection
 /// holds no pipe, and no pipe quota (`pipe-user-pages-soft`): a worker needs
 /// about one pipe per direction that is moving bytes at that moment.
+///
+/// With `auto` (the direction's [`Traffic`]), it also ends once the messages
+/// have turned small, for the caller to copy them.
 async fn splice_loop(
     from: &TcpStream,
     to: &TcpStream,
     counters: [&AtomicU64; 2],
     activity: &Activity,
+    mut auto: Option<&mut Traffic>,
 ) -> Result<Spliced, Fault> {
     use rustix::pipe::{splice, SpliceFlags};
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
@@ -486,8 +550,16 @@ async fn splice_loop(
             }
         }
         activity.touch();
+        // Before the per-backend counters: whoever sees those sees this too.
+        crate::metrics::SPLICED_BYTES.fetch_add(n as u64, Ordering::Relaxed);
         for c in counters {
             c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(traffic) = auto.as_deref_mut() {
+            if traffic.record(n) == Some(Pace::Chatty) {
+                pipe.recycle();
+                return Ok(Spliced::Chatty);
+            }
         }
         held = Some(pipe);
     }
@@ -625,6 +697,32 @@ mod tests {
     /// This thread's pooled pipes.
     fn pooled() -> usize {
         PIPES.with(|p| p.borrow().0.len())
+    }
+
+    #[test]
+    fn traffic_windows_tell_bulk_from_chatter() {
+        let mut t = Traffic::default();
+        // 64 small reads close a window as chatter, and a new one opens.
+        for _ in 0..63 {
+            assert_eq!(t.record(700), None);
+        }
+        assert_eq!(t.record(700), Some(Pace::Chatty));
+        // 1 MiB in 16 full reads is bulk, whatever came before.
+        for _ in 0..15 {
+            assert_eq!(t.record(SCRATCH), None);
+        }
+        assert_eq!(t.record(SCRATCH), Some(Pace::Bulk));
+        // One splice-in of 1 MiB is bulk on its own.
+        assert_eq!(t.record(PIPE_SIZE), Some(Pace::Bulk));
+        // 16 KiB a read on average is bulk, just under it chatter.
+        for _ in 0..63 {
+            assert_eq!(t.record(16 * 1024), None);
+        }
+        assert_eq!(t.record(16 * 1024), Some(Pace::Bulk));
+        for _ in 0..63 {
+            assert_eq!(t.record(16 * 1024 - 1), None);
+        }
+        assert_eq!(t.record(16 * 1024 - 1), Some(Pace::Chatty));
     }
 
     // One test, not several: the cap is shared by every thread of the process.

@@ -22,6 +22,10 @@ use crate::service::Service;
 pub static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
 /// Connection tasks that panicked (a bug), caught and counted.
 pub static CONNECTION_PANICS: AtomicU64 = AtomicU64::new(0);
+/// Bytes forwarded with splice(2), both directions, every listener.
+pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Splice pipes open now: carrying bytes or pooled.
+pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
 
 /// Upper bounds (seconds) of the duration buckets: 100µs to 1h.
 const BUCKETS: [f64; 16] = [
@@ -302,6 +306,22 @@ impl<S: Source> Collector for LiveCollector<S> {
             "Connection tasks that panicked (a bug); the process carried on.",
             MetricType::Counter,
             std::iter::once((Vec::new(), CONNECTION_PANICS.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_spliced_bytes",
+            "Bytes forwarded with splice(2) (zero copy), both directions, every listener; \
+             also counted in tcplb_bytes.",
+            MetricType::Counter,
+            std::iter::once((Vec::new(), SPLICED_BYTES.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_splice_pipes",
+            "Splice pipes open, carrying bytes or pooled: two descriptors each, and 1 MiB of \
+             the per-user pipe quota (pipe-user-pages-soft).",
+            MetricType::Gauge,
+            std::iter::once((Vec::new(), SPLICE_PIPES.load(Ordering::Relaxed))),
         )?;
         Ok(())
     }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,52 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(5);
-
-/// Scraped samples: (metric name, sorted labels) → value.
-type Samples = HashMap<(String, Vec<(String, String)>), f64>;
-
-fn with_admin(l: tcplb::config::ListenerConfig) -> Config {
-    let mut c = Config::single(l);
-    c.admin = Some(AdminConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: None });
-    c
-}
-
-/// Scrapes /metrics: (name, sorted labels) → value.
-async fn scrape(admin: SocketAddr) -> Samples {
-    let (code, body) = http_request(admin, "GET", "/metrics", "").await;
-    assert_eq!(code, 200);
-    let lines = body.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    let mut out = HashMap::new();
-    for s in scrape.samples {
-        let mut labels: Vec<(String, String)> =
-            s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        labels.sort();
-        let v = match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-            prometheus_parse::Value::Summary(_) => continue,
-        };
-        out.insert((s.metric, labels), v);
-    }
-    out
-}
-
-/// The sample with this name and these labels, if scraped.
-fn sample(m: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut l: Vec<(String, String)> =
-        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    l.sort();
-    m.get(&(name.to_string(), l)).copied()
-}
-
-fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(m, name, labels).unwrap_or_else(|| {
-        panic!("no {name} {labels:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_exactly_with_the_traffic() {

@@ -254,7 +254,8 @@ impl StrategyKind {
 pub enum SpliceMode {
     /// Copy; switch a direction to splice when its first message waits whole
     /// and is 64 KiB or more, once a 64 KiB read leaves 64 KiB more waiting,
-    /// or after 1 MiB (bulk).
+    /// or when 1 MiB moves in 64 reads or fewer (bulk), and back to copying
+    /// after 64 reads that moved less (small messages).
     Auto,
     /// Splice every direction from its first byte.
     On,

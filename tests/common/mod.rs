@@ -2,11 +2,12 @@
 //! backends on loopback.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tcplb::config::{Config, HealthCheck, ListenerConfig, Upstream};
+use tcplb::config::{AdminConfig, Config, HealthCheck, ListenerConfig, Upstream};
 use tcplb::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -298,4 +299,52 @@ pub async fn established(addr: SocketAddr) -> TcpStream {
         .expect("echo");
     assert_eq!(&b, b"a");
     s
+}
+
+/// Scraped samples: (metric name, sorted labels) → value.
+pub type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+/// `l` alone, with the admin endpoint on 127.0.0.1:0.
+pub fn with_admin(l: ListenerConfig) -> Config {
+    let mut c = Config::single(l);
+    c.admin = Some(AdminConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: None });
+    c
+}
+
+/// Scrapes /metrics: (name, sorted labels) → value.
+pub async fn scrape(admin: SocketAddr) -> Samples {
+    let (code, body) = http_request(admin, "GET", "/metrics", "").await;
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let mut out = HashMap::new();
+    for s in scrape.samples {
+        let mut labels: Vec<(String, String)> =
+            s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        labels.sort();
+        let v = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert((s.metric, labels), v);
+    }
+    out
+}
+
+/// The sample with this name and these labels, if scraped.
+pub fn sample(m: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut l: Vec<(String, String)> =
+        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    l.sort();
+    m.get(&(name.to_string(), l)).copied()
+}
+
+/// The sample with this name and these labels; panics naming what was scraped.
+pub fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(m, name, labels).unwrap_or_else(|| {
+        panic!("no {name} {labels:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
+    })
 }
