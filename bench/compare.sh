@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of tcplb, HAProxy (mode tcp, with and without
 # splice) and nginx stream, plus a direct connection (the physical limit).
-# Loopback only; bounded in time (about 7 minutes with the defaults); stops
+# Loopback only; bounded in time (about 8 minutes with the defaults); stops
 # everything it started, also on Ctrl-C. Prints a Markdown table.
 #
 #   bench/compare.sh                 # 3 rounds
@@ -23,6 +23,8 @@ command -v nginx >/dev/null || need+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v wrk >/dev/null || need+=(wrk)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -49,21 +51,27 @@ FDS=$(ulimit -n)
 MAXCONN=$(( (FDS - 1200) / 2 ))
 IDLE_CONNS=${IDLE_CONNS:-$(( MAXCONN < 10000 ? MAXCONN - 100 : 10000 ))}
 
-# Ports: backends 18081/18082, iperf3 18201; proxies below.
-B1=18081; B2=18082; IPERF=18201
+# Ports: backends 18081/18082, iperf3 18201, Redis 18202; proxies below.
+B1=18081; B2=18082; IPERF=18201; REDIS=18202
 declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104 [tcplb-b]=18105)
 declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114 [tcplb-b]=18115)
+declare -A REDIS_PORT=([direct]=$REDIS [haproxy]=18131 [haproxy-splice]=18132 [nginx]=18133 [tcplb]=18134 [tcplb-b]=18135)
 declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124 [tcplb-b]=18125)
 SINK=18301
 PROXIES=(direct haproxy haproxy-splice nginx tcplb)
 [ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
-require_free_ports $B1 $B2 $IPERF $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${IDLE_PORT[@]}"
+require_free_ports $B1 $B2 $IPERF $REDIS $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${REDIS_PORT[@]}" "${IDLE_PORT[@]}"
 
 # --- backends: two nginx HTTP servers with a short body, one iperf3 server.
 start_http_backends "$WORK" $B1 $B2
 iperf3 -s -p $IPERF -D --pidfile "$WORK/iperf.pid" >/dev/null
 sleep 0.3; PIDS+=("$(cat "$WORK/iperf.pid")")
+# Redis: long-lived connections with small messages, as in a connection pool.
+redis-server --bind 127.0.0.1 --port $REDIS --save '' --appendonly no \
+    --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
+for _ in $(seq 1 50); do [ -s "$WORK/redis.pid" ] && break; sleep 0.1; done
+PIDS+=("$(cat "$WORK/redis.pid")")
 
 # A sink that accepts and holds connections, for the memory test.
 cat > "$WORK/sink.py" <<'PY'
@@ -102,6 +110,16 @@ frontend iperf_splice
     default_backend iperf
 backend iperf
     server i1 127.0.0.1:$IPERF
+frontend redis
+    bind 127.0.0.1:${REDIS_PORT[haproxy]}
+    default_backend redis
+frontend redis_splice
+    bind 127.0.0.1:${REDIS_PORT[haproxy-splice]}
+    option splice-request
+    option splice-response
+    default_backend redis
+backend redis
+    server r1 127.0.0.1:$REDIS
 frontend idle
     bind 127.0.0.1:${IDLE_PORT[haproxy]}
     default_backend idle
@@ -127,9 +145,11 @@ events { worker_connections $FDS; }
 stream {
     upstream http { server 127.0.0.1:$B1; server 127.0.0.1:$B2; }
     upstream iperf { server 127.0.0.1:$IPERF; }
+    upstream redis { server 127.0.0.1:$REDIS; }
     upstream idle { server 127.0.0.1:$SINK; }
     server { listen 127.0.0.1:${HTTP_PORT[nginx]} backlog=4096; proxy_pass http; }
     server { listen 127.0.0.1:${IPERF_PORT[nginx]}; proxy_pass iperf; }
+    server { listen 127.0.0.1:${REDIS_PORT[nginx]} backlog=4096; proxy_pass redis; }
     server { listen 127.0.0.1:${IDLE_PORT[nginx]} backlog=4096; proxy_pass idle; proxy_timeout 1h; }
 }
 CONF
@@ -147,6 +167,10 @@ upstreams = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 name = "iperf"
 listen = "127.0.0.1:${IPERF_PORT[$1]}"
 upstreams = ["127.0.0.1:$IPERF"]
+[[listener]]
+name = "redis"
+listen = "127.0.0.1:${REDIS_PORT[$1]}"
+upstreams = ["127.0.0.1:$REDIS"]
 [[listener]]
 name = "idle"
 listen = "127.0.0.1:${IDLE_PORT[$1]}"
@@ -172,6 +196,28 @@ except (ValueError, KeyError):
     # A failed run (iperf3 puts its error in the JSON) counts as nothing.
     print("iperf3 failed: %s" % d.get("error", "no result"), file=sys.stderr)
     print("nan")'
+}
+
+# port pids... -> "SET-req/s GET-req/s proxy-CPU": redis-benchmark, 50
+# clients, REDIS_N requests of each with 1 KiB values (each client moves about
+# 2 MB each way per test: long-lived connections with small messages, past
+# the 1 MiB where an earlier tcplb started to splice every message); CPU in
+# µs per request over both tests (nan without PIDs: the direct path).
+REDIS_N=${REDIS_N:-100000}
+redis_run() {
+    local port=$1 c0=0 c1=0 out set get
+    shift
+    [ $# -gt 0 ] && c0=$(cpu_ticks "$@")
+    out=$(redis-benchmark -h 127.0.0.1 -p "$port" -c 50 -n "$REDIS_N" -t set,get -d 1024 --csv 2>&1 || true)
+    [ $# -gt 0 ] && c1=$(cpu_ticks "$@")
+    read -r set get < <(awk -F'"' '$2 == "SET" { s = $4 } $2 == "GET" { g = $4 } END { print s, g }' <<<"$out")
+    if [ -z "$get" ]; then
+        printf 'redis-benchmark failed:\n%s\n' "$out" >&2
+        echo "nan nan nan"
+        return
+    fi
+    awk -v r="$set $get" -v t=$((c1 - c0)) -v n=$((2 * REDIS_N)) -v us="$TICK_US" -v has=$# \
+        'BEGIN { printf "%s %s\n", r, (has > 0) ? sprintf("%.1f", t * us / n) : "nan" }'
 }
 
 nginx_pids() { pgrep -P "$(cat "$WORK/nginx-lb.pid")" | tr '\n' ' '; cat "$WORK/nginx-lb.pid"; }
@@ -206,7 +252,8 @@ for round in $(seq 1 "$ROUNDS"); do
         # a larger API answer costs, where the size of the proxy's buffers
         # shows (HAProxy's and nginx's are 16 KiB by default, tcplb's 64 KiB).
         read -r ka64 _ _ cpu_ka64 _ < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "" /body/64k)
-        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl $ka64 $cpu_ka64" | tee -a "$RESULTS" >&2
+        read -r rset rget cpu_redis < <(redis_run "${REDIS_PORT[$p]}" $(proxy_pids "$p"))
+        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl $ka64 $cpu_ka64 $rset $rget $cpu_redis" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -258,7 +305,9 @@ metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream G
            ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
            ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9),
            ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11),
-           ("keep-alive req/s, 64 KiB responses", 12), ("proxy CPU µs/req (keep-alive, 64 KiB)", 13)]
+           ("keep-alive req/s, 64 KiB responses", 12), ("proxy CPU µs/req (keep-alive, 64 KiB)", 13),
+           ("Redis SET req/s (1 KiB values)", 14), ("Redis GET req/s (1 KiB values)", 15),
+           ("proxy CPU µs/req (Redis)", 16)]
 def lower_better(name):  # latency and CPU
     return name.startswith("p") or "CPU" in name
 rounds = sorted({r[0] for r in rows})
