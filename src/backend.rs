@@ -260,7 +260,8 @@ impl Backend {
 
     /// Bytes (client→backend, backend→client) so far.
     pub fn bytes(&self) -> (u64, u64) {
-        (self.bytes_sent.load(Ordering::Relaxed), self.bytes_received.load(Ordering::Relaxed))
+        // Acquire: the splice path publishes `metrics::SPLICED_BYTES` with these.
+        (self.bytes_sent.load(Ordering::Acquire), self.bytes_received.load(Ordering::Acquire))
     }
 
     /// Active probes (passed, failed) so far.

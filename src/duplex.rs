@@ -550,10 +550,12 @@ async fn splice_loop(
             }
         }
         activity.touch();
-        // Before the per-backend counters: whoever sees those sees this too.
+        // Before the byte counters, which publish it (Release; a scrape
+        // reads them with Acquire): a scrape that shows these bytes in
+        // `tcplb_bytes_total` shows them in `tcplb_spliced_bytes_total` too.
         crate::metrics::SPLICED_BYTES.fetch_add(n as u64, Ordering::Relaxed);
         for c in counters {
-            c.fetch_add(n as u64, Ordering::Relaxed);
+            c.fetch_add(n as u64, Ordering::Release);
         }
         if let Some(traffic) = auto.as_deref_mut() {
             if traffic.record(n) == Some(Pace::Chatty) {
