@@ -329,16 +329,17 @@ enum Pace {
 struct Traffic {
     /// Reads in the open window.
     reads: u32,
-    /// Bytes in the open window.
-    bytes: u64,
+    /// Bytes in the open window (u32: no more than a read past 1 MiB, and
+    /// this struct sits in every connection's future, twice).
+    bytes: u32,
 }
 
 impl Traffic {
     /// Counts one read of `n` bytes; the window's verdict when it closes.
     fn record(&mut self, n: usize) -> Option<Pace> {
         self.reads += 1;
-        self.bytes += n as u64;
-        let pace = if self.bytes >= BULK {
+        self.bytes = self.bytes.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        let pace = if u64::from(self.bytes) >= BULK {
             Pace::Bulk
         } else if self.reads >= WINDOW_READS {
             Pace::Chatty
