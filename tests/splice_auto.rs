@@ -6,10 +6,11 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use tcplb::config::Protocol;
+use tcplb::config::{Protocol, SpliceMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -42,6 +43,29 @@ async fn bulk(s: &mut TcpStream, data: &[u8]) {
     wrote.expect("write");
     read.expect("read back");
     assert_eq!(digest(&back), digest(data));
+}
+
+/// Scrapes `admin` until its backend `backend` shows `moved` bytes each way
+/// in `tcplb_bytes_total`: the client may read the last bytes before tcplb
+/// has counted them.
+async fn counted(admin: SocketAddr, backend: SocketAddr, moved: usize) -> Samples {
+    let backend = backend.to_string();
+    let done = |m: &Samples| {
+        ["up", "down"].map(|d| {
+            let labels = [("listener", "test"), ("backend", backend.as_str()), ("direction", d)];
+            get(m, "tcplb_bytes_total", &labels)
+        }) == [moved as f64; 2]
+    };
+    let mut m = scrape(admin).await;
+    for _ in 0..500 {
+        if done(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = scrape(admin).await;
+    }
+    assert!(done(&m), "{moved} bytes each way not counted in tcplb_bytes_total");
+    m
 }
 
 /// Pipe descriptors this process holds.
@@ -82,28 +106,7 @@ async fn auto_splices_bulk_data_and_copies_small_messages() {
 
     const BULK: usize = 8 << 20;
     bulk(&mut s, &random_bytes(BULK, 7)).await;
-    // The client may read the last bytes before tcplb counts them.
-    let moved = (ROUNDS * SMALL + BULK) as f64;
-    let backend = echo.to_string();
-    let counted = |m: &Samples| {
-        ["up", "down"].map(|d| {
-            get(
-                m,
-                "tcplb_bytes_total",
-                &[("listener", "test"), ("backend", &backend), ("direction", d)],
-            )
-        }) == [moved, moved]
-    };
-    let mut m = scrape(admin).await;
-    for _ in 0..500 {
-        if counted(&m) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        m = scrape(admin).await;
-    }
-    assert!(counted(&m), "the bulk transfer was not counted in tcplb_bytes_total");
-    let after_bulk = spliced(&m);
+    let after_bulk = spliced(&counted(admin, echo, ROUNDS * SMALL + BULK).await);
     assert!(after_bulk >= BULK as f64, "only {after_bulk} of 2 × {BULK} bulk bytes were spliced");
 
     chat(&mut s, ROUNDS, SMALL, 100_000).await;
@@ -122,4 +125,18 @@ async fn auto_splices_bulk_data_and_copies_small_messages() {
     assert_eq!(pipes as usize * 2, pipe_fds() - others, "the gauge disagrees with /proc/self/fd");
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(pipes >= 1.0 && pipes as usize <= 8 + workers, "{pipes} pipes open");
+
+    // `splice = "on"` splices small messages too: whoever asked for it gets
+    // it, from the first byte, every byte.
+    let (echo_on, _) = echo_backend().await;
+    let mut l = listener(&[echo_on]);
+    l.protocol = Protocol::Tcp;
+    l.splice = SpliceMode::On;
+    let lb_on = start(with_admin(l)).await;
+    let admin_on = lb_on.admin.expect("admin endpoint");
+    let before = spliced(&scrape(admin_on).await);
+    let mut s = TcpStream::connect(lb_on.addr).await.expect("connect to tcplb");
+    chat(&mut s, 300, SMALL, 200_000).await;
+    let m = counted(admin_on, echo_on, 300 * SMALL).await;
+    assert_eq!(spliced(&m) - before, (2 * 300 * SMALL) as f64, "with splice on, bytes were copied");
 }
