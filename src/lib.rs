@@ -35,6 +35,7 @@
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
 //! - [`metrics`]: Prometheus metrics read from the live atomics at scrape time.
 //! - [`shutdown`]: process signals.
+//! - [`workers`]: the data-plane threads.
 #![deny(unsafe_code)]
 // Bad input and network errors are returned, never unwrapped (tests may).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -56,6 +57,7 @@ pub mod replay;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod workers;
 
 pub use config::Config;
 pub use server::{Error, Handle, Server};
