@@ -392,6 +392,45 @@ const PIPE_POOL: usize = 8;
 /// Pipes in all the workers' pools.
 static POOLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The most pipes all the pools may hold together, the one each worker
+/// keeps included: a quarter of the per-user pipe quota, read once, so that
+/// many workers (one per core on a large machine) cannot fill the quota with
+/// idle pipes while live connections fall back to copying.
+fn pool_ceiling() -> usize {
+    static CEILING: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CEILING.get_or_init(|| {
+        let quota = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        ceiling_for(quota, rustix::param::page_size(), exempt_from_pipe_quota(&status))
+    })
+}
+
+/// [`pool_ceiling`] for a quota of `quota_pages` pages of `page_size` bytes
+/// (None: unknown, taken as Linux's default of 16 384; 0: no quota).
+fn ceiling_for(quota_pages: Option<u64>, page_size: usize, exempt: bool) -> usize {
+    let quota = quota_pages.unwrap_or(16_384);
+    if exempt || quota == 0 {
+        return usize::MAX;
+    }
+    let pages_per_pipe = (PIPE_SIZE / page_size.max(1)).max(1) as u64;
+    (quota / pages_per_pipe / 4).max(1) as usize
+}
+
+/// Whether `/proc/self/status` (its text) shows CAP_SYS_RESOURCE or
+/// CAP_SYS_ADMIN in effect: Linux does not hold such a process to the pipe
+/// quota.
+fn exempt_from_pipe_quota(status: &str) -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE) != 0)
+}
+
 /// One worker's pooled pipes; a worker that ends closes them and gives
 /// their places in [`POOLED`] back.
 struct Pool(Vec<Pipe>);
@@ -441,22 +480,20 @@ impl Pipe {
     /// directions hand their pipe back whenever their source runs dry and
     /// take one again on the next read, so without one of its own a worker
     /// would make and close a pipe per message while another hoards the pool.
+    /// Neither goes past [`pool_ceiling`], a quarter of the pipe quota.
     fn recycle(self) {
         // Anything but a count of zero (bytes left, or an error): dropped,
         // which closes it.
         if let Ok(0) = rustix::io::ioctl_fionread(&self.r) {
             let _ = PIPES.try_with(|p| {
                 let mut p = p.borrow_mut();
-                let room = if p.0.is_empty() {
-                    POOLED.fetch_add(1, Ordering::Relaxed);
-                    true
-                } else {
-                    POOLED
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            (n < PIPE_POOL).then_some(n + 1)
-                        })
-                        .is_ok()
-                };
+                let cap =
+                    if p.0.is_empty() { pool_ceiling() } else { PIPE_POOL.min(pool_ceiling()) };
+                let room = POOLED
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < cap).then_some(n + 1)
+                    })
+                    .is_ok();
                 if room {
                     p.0.push(self);
                 }
@@ -726,6 +763,28 @@ mod tests {
             assert_eq!(t.record(16 * 1024 - 1), None);
         }
         assert_eq!(t.record(16 * 1024 - 1), Some(Pace::Chatty));
+    }
+
+    #[test]
+    fn the_pool_holds_at_most_a_quarter_of_the_pipe_quota() {
+        // Linux's default: 16 384 pages of 4 KiB, 64 pipes of 1 MiB.
+        assert_eq!(ceiling_for(Some(16_384), 4096, false), 16);
+        assert_eq!(ceiling_for(None, 4096, false), 16);
+        // 64 KiB pages (arm64): 16 pages a pipe.
+        assert_eq!(ceiling_for(Some(16_384), 65_536, false), 256);
+        // A tiny quota still leaves one; no quota, or a process the kernel
+        // does not hold to it, has no ceiling.
+        assert_eq!(ceiling_for(Some(100), 4096, false), 1);
+        assert_eq!(ceiling_for(Some(0), 4096, false), usize::MAX);
+        assert_eq!(ceiling_for(Some(16_384), 4096, true), usize::MAX);
+
+        let status =
+            |caps: &str| format!("Name:\ttcplb\nCapInh:\t0\nCapEff:\t{caps}\nCapBnd:\t1\n");
+        assert!(exempt_from_pipe_quota(&status("000001ffffffffff")), "root");
+        assert!(exempt_from_pipe_quota(&status("0000000001000000")), "CAP_SYS_RESOURCE alone");
+        assert!(!exempt_from_pipe_quota(&status("0000000000000000")), "an unprivileged user");
+        assert!(!exempt_from_pipe_quota(&status("00000000a80425fb")), "Docker's default set");
+        assert!(!exempt_from_pipe_quota("garbage"));
     }
 
     // One test, not several: the cap is shared by every thread of the process.
