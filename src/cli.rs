@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion,
-    SpliceMode, StrategyKind, Upstream,
+    SpliceMode, StrategyKind, Upstream, WorkerBalance,
 };
 
 const EXAMPLES: &str = "\
@@ -182,6 +182,13 @@ pub struct Cli {
     /// listen address (default: one per CPU core).
     #[arg(long, value_name = "N", value_parser = config::parse_positive)]
     pub threads: Option<usize>,
+
+    /// How new connections are spread over the worker threads: fewest (a
+    /// worker that serves more connections than the least busy one, by more
+    /// than an eighth, hands the new one over) or hash (where the kernel's
+    /// SO_REUSEPORT hash put it) [default: fewest]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub worker_balance: Option<WorkerBalance>,
 
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]

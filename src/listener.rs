@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::proxy;
 use crate::service::Service;
+use crate::workers::{Seat, Share};
 
 /// Pause after an accept error caused by resource exhaustion.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -91,6 +92,51 @@ pub async fn contain_panic(
     }
 }
 
+/// Moves a connection this worker accepted to the worker of `seat`, before
+/// a byte of it is read: out of this worker's epoll, into the other's.
+fn hand_off(
+    tracker: &TaskTracker,
+    svc: &Arc<Service>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    seat: Seat,
+) {
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            // Leaving this worker's epoll failed: the socket is closed.
+            crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+            debug!(listener = %svc.name, client = %peer, error = %e, "cannot hand a connection to another worker");
+            return;
+        }
+    };
+    crate::metrics::WORKER_HANDOFFS.fetch_add(1, Ordering::Relaxed);
+    let handle = seat.slot().handle().clone();
+    let kill = seat.slot().kill().clone();
+    let svc = Arc::clone(svc);
+    let name = Arc::clone(&svc.name);
+    // The socket is registered on the runtime that polls this task. The
+    // connection's future is built inside it, so it is stored once.
+    let task = AssertUnwindSafe(async move {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => proxy::serve(svc, stream, peer, kill).await,
+            Err(e) => {
+                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+                debug!(listener = %svc.name, client = %peer, error = %e, "cannot register a handed-over connection");
+            }
+        }
+    })
+    .catch_unwind()
+    .map(move |result| {
+        if let Err(panic) = result {
+            report_panic(&name, peer, &*panic);
+        }
+        drop((permit, seat));
+    });
+    tracker.spawn_on(task, &handle);
+}
+
 /// Logs and counts a panic caught in a connection task.
 fn report_panic(listener: &str, peer: SocketAddr, panic: &(dyn std::any::Any + Send)) {
     crate::metrics::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
@@ -111,8 +157,11 @@ pub struct AcceptContext {
     pub tracker: TaskTracker,
     /// Cancelled when shutdown begins: stop accepting.
     pub stop: CancellationToken,
-    /// Cancelled when the drain deadline passes: close connections.
-    pub kill: CancellationToken,
+    /// Every worker: where a connection is served, and the token that
+    /// closes it at the drain deadline.
+    pub workers: Arc<Share>,
+    /// The worker this loop runs on.
+    pub worker: usize,
 }
 
 /// Accepts until `ctx.stop` is cancelled, then drops (closes) the listener.
@@ -158,20 +207,24 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                     failures = 0;
                 }
                 debug!(listener = %svc.name, client = %peer, "accepted");
-                let svc = Arc::clone(&svc);
-                let kill = ctx.kill.clone();
-                // No async block around the task: it would store the
-                // connection's future twice.
-                let name = Arc::clone(&svc.name);
-                let task = AssertUnwindSafe(proxy::serve(svc, stream, peer, kill))
-                    .catch_unwind()
-                    .map(move |result| {
-                        if let Err(panic) = result {
-                            report_panic(&name, peer, &*panic);
-                        }
-                        drop(permit);
-                    });
-                ctx.tracker.spawn(task);
+                let seat = ctx.workers.place(ctx.worker);
+                if seat.worker() == ctx.worker {
+                    let kill = seat.slot().kill().clone();
+                    // No async block around the task: it would store the
+                    // connection's future twice.
+                    let name = Arc::clone(&svc.name);
+                    let task = AssertUnwindSafe(proxy::serve(Arc::clone(&svc), stream, peer, kill))
+                        .catch_unwind()
+                        .map(move |result| {
+                            if let Err(panic) = result {
+                                report_panic(&name, peer, &*panic);
+                            }
+                            drop((permit, seat));
+                        });
+                    ctx.tracker.spawn(task);
+                } else {
+                    hand_off(&ctx.tracker, &svc, stream, peer, permit, seat);
+                }
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);

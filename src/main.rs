@@ -36,6 +36,7 @@ fn main() -> ExitCode {
     let format = cli.log_format;
     let check = cli.check;
     let threads = cli.threads;
+    let worker_balance = cli.worker_balance;
     let config_path = cli.config.clone();
     let mut config = match cli.into_config() {
         Ok(c) => c,
@@ -54,6 +55,9 @@ fn main() -> ExitCode {
     init_tracing(filter, format);
     if threads.is_some() {
         config.threads = threads;
+    }
+    if let Some(b) = worker_balance {
+        config.worker_balance = b;
     }
 
     // The control plane (reload, DNS, probes, admin) runs here; connections

@@ -24,6 +24,8 @@ pub static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
 pub static CONNECTION_PANICS: AtomicU64 = AtomicU64::new(0);
 /// Bytes forwarded with splice(2), both directions, every listener.
 pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Connections handed by the worker that accepted them to a less busy one.
+pub static WORKER_HANDOFFS: AtomicU64 = AtomicU64::new(0);
 /// Splice pipes open now: carrying bytes or pooled.
 pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
 
@@ -109,6 +111,12 @@ fn status_index(s: Status) -> usize {
 pub trait Source: std::fmt::Debug + Send + Sync + 'static {
     /// The listeners now.
     fn services(&self) -> Arc<Vec<Arc<Service>>>;
+
+    /// Connections each data-plane worker serves now, by worker index
+    /// (empty before the workers run).
+    fn workers(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// Encodes the live state on each scrape.
@@ -299,6 +307,27 @@ impl<S: Source> Collector for LiveCollector<S> {
             "Failed accept calls (e.g. out of file descriptors).",
             MetricType::Counter,
             std::iter::once((Vec::new(), ACCEPT_ERRORS.load(Ordering::Relaxed))),
+        )?;
+        let workers: Vec<(String, usize)> = self
+            .source
+            .workers()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (i.to_string(), n))
+            .collect();
+        family(
+            &mut encoder,
+            "tcplb_worker_connections",
+            "Client connections each data-plane worker thread serves now.",
+            MetricType::Gauge,
+            workers.iter().map(|(i, n)| (vec![("worker", i.as_str())], *n as u64)),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_worker_handoffs",
+            "Connections handed by the worker that accepted them to a less busy one.",
+            MetricType::Counter,
+            std::iter::once((Vec::new(), WORKER_HANDOFFS.load(Ordering::Relaxed))),
         )?;
         family(
             &mut encoder,

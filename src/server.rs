@@ -81,11 +81,17 @@ pub struct Live {
     services: ArcSwap<Vec<Arc<Service>>>,
     /// Set when shutdown begins.
     draining: AtomicBool,
+    /// The data-plane workers, once running (for their metrics).
+    workers: std::sync::OnceLock<Arc<crate::workers::Share>>,
 }
 
 impl crate::metrics::Source for Arc<Live> {
     fn services(&self) -> Arc<Vec<Arc<Service>>> {
         self.services.load_full()
+    }
+
+    fn workers(&self) -> Vec<usize> {
+        self.workers.get().map(|w| w.active()).unwrap_or_default()
     }
 }
 
@@ -240,7 +246,9 @@ impl Server {
     /// connections finish for up to the drain timeout, closes the rest and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let handle = self.handle();
-        let workers = match Workers::start(self.config.workers()) {
+        let kill = CancellationToken::new();
+        let workers = match Workers::start(self.config.workers(), self.config.worker_balance, &kill)
+        {
             Ok(w) => w,
             Err(e) => {
                 warn!(error = %e, "cannot start worker threads");
@@ -257,12 +265,13 @@ impl Server {
             max_connections: config.max_connections.min(Semaphore::MAX_PERMITS),
             drain_timeout: config.drain_timeout,
             stop: CancellationToken::new(),
-            kill: CancellationToken::new(),
+            kill,
             connections: TaskTracker::new(),
             accepting: TaskTracker::new(),
             listeners: Vec::new(),
             workers,
         };
+        let _ = rt.registry.workers.set(Arc::clone(&rt.workers.share));
         for (svc, sockets) in listeners {
             let lr = rt.start_listener(svc, sockets);
             rt.listeners.push(lr);
@@ -457,15 +466,13 @@ struct Prepared {
 }
 
 impl Runtime {
-    fn accept_context(&self, stop: CancellationToken) -> AcceptContext {
+    fn accept_context(&self, stop: CancellationToken, worker: usize) -> AcceptContext {
         AcceptContext {
             limit: Arc::clone(&self.limit),
             tracker: self.connections.clone(),
             stop,
-            // A child per accept loop, so one worker's connections share its
-            // node: polling a token locks the node's mutex on every wake-up,
-            // and a shared node would bounce between cores on every message.
-            kill: self.kill.child_token(),
+            workers: Arc::clone(&self.workers.share),
+            worker,
         }
     }
 
@@ -499,10 +506,10 @@ impl Runtime {
         let token = lr.stop.child_token();
         let local = group.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
         for (i, socket) in group.into_iter().enumerate() {
-            let ctx = self.accept_context(token.clone());
+            let worker = i % self.workers.share.len();
+            let ctx = self.accept_context(token.clone(), worker);
             let accept = listener::accept_loop(socket, Arc::clone(&lr.service), ctx);
-            let worker = &self.workers.handles[i % self.workers.handles.len()];
-            worker.spawn(self.accepting.track_future(accept));
+            self.workers.share.slot(worker).handle().spawn(self.accepting.track_future(accept));
         }
         lr.sockets.push(BoundSocket { configured: addr, local, stop: token });
         lr.service.set_bound(lr.sockets.iter().map(|b| b.local).collect());
@@ -618,7 +625,7 @@ impl Runtime {
                 let have =
                     existing.is_some_and(|i| self.listeners[i].sockets.iter().any(|b| b.is(addr)));
                 if !have {
-                    new_sockets.push((addr, bind(addr, lc, self.workers.handles.len())?));
+                    new_sockets.push((addr, bind(addr, lc, self.workers.share.len())?));
                 }
             }
             prepared.push(Prepared { config: lc.clone(), assembled, new_sockets, existing });
@@ -678,6 +685,7 @@ impl Runtime {
             .store(Arc::new(self.listeners.iter().map(|l| Arc::clone(&l.service)).collect()));
         self.resize_limit(config.max_connections.min(Semaphore::MAX_PERMITS));
         self.drain_timeout = config.drain_timeout;
+        self.workers.share.set_balance(config.worker_balance);
         Ok(format!(
             "reload applied: listeners +{l_added} -{l_removed} ~{l_changed}, backends +{b_added} -{b_removed}"
         ))

@@ -13,7 +13,7 @@ use toml::{Spanned, Value};
 
 use super::{
     parse_cidr, parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config,
-    HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream,
+    HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream, WorkerBalance,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -60,6 +60,7 @@ struct RawFile {
     drain_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
+    worker_balance: Option<Spanned<String>>,
     defaults: Option<Spanned<RawListener>>,
     admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
@@ -175,6 +176,15 @@ impl Validator<'_> {
         }
         if let Some(n) = &raw.threads {
             config.threads = self.count(n, "threads", 1, 1024).map(|n| n as usize);
+        }
+        if let Some(b) = &raw.worker_balance {
+            match <WorkerBalance as clap::ValueEnum>::from_str(b.get_ref(), false) {
+                Ok(balance) => config.worker_balance = balance,
+                Err(_) => self.error(
+                    b.span(),
+                    format!("worker_balance '{}' must be fewest or hash", b.get_ref()),
+                ),
+            }
         }
         if let Some(a) = &raw.admin {
             let a = a.get_ref();
@@ -528,6 +538,17 @@ check = "tcp"
         assert_eq!(redis.strategy, StrategyKind::Maglev);
         assert_eq!(redis.health.check, HealthCheck::Connect);
         assert_eq!(redis.health.rise, 3, "defaults apply under a listener's own table");
+    }
+
+    #[test]
+    fn worker_balance_is_fewest_unless_set_and_names_a_bad_value() {
+        let one = "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"b:1\"]\n";
+        assert_eq!(parse(one, "t.toml").unwrap().worker_balance, WorkerBalance::Fewest);
+        let hash = format!("worker_balance = \"hash\"\n{one}");
+        assert_eq!(parse(&hash, "t.toml").unwrap().worker_balance, WorkerBalance::Hash);
+        let p = problems(&format!("worker_balance = \"even\"\n{one}"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("t.toml:1:") && p[0].contains("'even'"), "{p:?}");
     }
 
     #[test]

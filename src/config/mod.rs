@@ -48,6 +48,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Data-plane worker threads (None: one per CPU core).
     pub threads: Option<usize>,
+    /// How new connections are spread over the worker threads.
+    pub worker_balance: WorkerBalance,
 }
 
 impl Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admin: None,
             threads: None,
+            worker_balance: WorkerBalance::Fewest,
         }
     }
 }
@@ -261,6 +264,18 @@ pub enum SpliceMode {
     On,
     /// Always copy through user space.
     Off,
+}
+
+/// How new connections are spread over the worker threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerBalance {
+    /// A worker that serves more connections than the least busy one, by
+    /// more than an eighth, hands the one it just accepted over to it.
+    Fewest,
+    /// Each connection stays on the worker whose SO_REUSEPORT socket the
+    /// kernel's hash chose.
+    Hash,
 }
 
 /// PROXY protocol version.
