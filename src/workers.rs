@@ -12,7 +12,13 @@
 //! before reading a byte of it, as HAProxy spreads its accepted connections
 //! over its threads. The counts are per-worker atomics on separate cache
 //! lines; the hand-off costs one `epoll_ctl` and one wake-up of the other
-//! worker, and only connections that move pay it.
+//! worker, and only connections that move pay it. It balances connections,
+//! not bytes: an idle connection (iperf3's control connection, a quiet pool
+//! member) counts as much as a busy one. With 50 concurrent short
+//! connections on 2 workers about 4 in 10 move (counts of a few each side
+//! differ by one all the time), and that still measured 1.05x the
+//! connections per second of the hash alone, at the same CPU per
+//! connection (docs/benchmarks.md).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -146,8 +152,8 @@ impl Share {
     /// `me`, unless another worker serves fewer connections than `me` does,
     /// by more than an eighth of its own: then the first of those, counting
     /// from `me`, with the fewest. Exact for small counts (3 against 2 moves),
-    /// so a handful of long-lived connections is spread evenly; large ones
-    /// fluctuate with short connections and only a real gap moves one.
+    /// so a handful of long-lived connections is spread evenly; with
+    /// hundreds, a gap of an eighth is needed.
     fn least_busy(&self, me: usize) -> usize {
         let n = self.slots.len();
         let mine = self.slots[me].active.load(Ordering::Relaxed);
