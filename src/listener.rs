@@ -128,13 +128,24 @@ fn hand_off(
         }
     })
     .catch_unwind()
-    .map(move |result| {
+    .map(release(name, peer, permit, seat));
+    tracker.spawn_on(task, &handle);
+}
+
+/// What a connection task does last, however it ended: reports a panic (a
+/// bug), then gives back its connection slot and its seat on the worker.
+fn release(
+    listener: Arc<str>,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    seat: Seat,
+) -> impl FnOnce(std::thread::Result<()>) {
+    move |result| {
         if let Err(panic) = result {
-            report_panic(&name, peer, &*panic);
+            report_panic(&listener, peer, &*panic);
         }
         drop((permit, seat));
-    });
-    tracker.spawn_on(task, &handle);
+    }
 }
 
 /// Logs and counts a panic caught in a connection task.
@@ -215,12 +226,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                     let name = Arc::clone(&svc.name);
                     let task = AssertUnwindSafe(proxy::serve(Arc::clone(&svc), stream, peer, kill))
                         .catch_unwind()
-                        .map(move |result| {
-                            if let Err(panic) = result {
-                                report_panic(&name, peer, &*panic);
-                            }
-                            drop((permit, seat));
-                        });
+                        .map(release(name, peer, permit, seat));
                     ctx.tracker.spawn(task);
                 } else {
                     hand_off(&ctx.tracker, &svc, stream, peer, permit, seat);

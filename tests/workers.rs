@@ -44,6 +44,19 @@ async fn round_trip(s: &mut TcpStream, n: usize, seed: u64) {
     assert_eq!(digest(&back), digest(&data), "bytes lost or reordered");
 }
 
+/// Opens twice as many connections as there are workers, one at a time as
+/// a connection pool does: each is accepted (and placed) before the next
+/// one connects.
+async fn open_pool(lb: &Lb) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for i in 0..2 * WORKERS {
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect to tcplb");
+        round_trip(&mut s, 1000, i as u64).await;
+        conns.push(s);
+    }
+    conns
+}
+
 fn per_worker(m: &Samples) -> Vec<f64> {
     (0..WORKERS)
         .map(|i| get(m, "tcplb_worker_connections", &[("worker", &i.to_string())]))
@@ -54,14 +67,7 @@ fn per_worker(m: &Samples) -> Vec<f64> {
 async fn long_lived_connections_are_spread_evenly_over_the_workers() {
     let lb = lb(WorkerBalance::Fewest).await;
     let admin = lb.admin.expect("admin endpoint");
-    // One at a time, as a connection pool opens: each is accepted (and
-    // placed) before the next one connects.
-    let mut conns = Vec::new();
-    for i in 0..2 * WORKERS {
-        let mut s = TcpStream::connect(lb.addr).await.expect("connect to tcplb");
-        round_trip(&mut s, 1000, i as u64).await;
-        conns.push(s);
-    }
+    let mut conns = open_pool(&lb).await;
     let m = scrape(admin).await;
     assert_eq!(per_worker(&m), vec![2.0; WORKERS], "8 connections over 4 workers");
     // Every connection, moved or not, still carries bulk both ways intact.
@@ -86,12 +92,7 @@ async fn with_hash_the_kernel_decides_and_nothing_is_handed_over() {
     let lb = lb(WorkerBalance::Hash).await;
     let admin = lb.admin.expect("admin endpoint");
     let before = get(&scrape(admin).await, "tcplb_worker_handoffs_total", &[]);
-    let mut conns = Vec::new();
-    for i in 0..2 * WORKERS {
-        let mut s = TcpStream::connect(lb.addr).await.expect("connect to tcplb");
-        round_trip(&mut s, 1000, i as u64).await;
-        conns.push(s);
-    }
+    let _conns = open_pool(&lb).await;
     let m = scrape(admin).await;
     assert_eq!(per_worker(&m).iter().sum::<f64>(), (2 * WORKERS) as f64);
     assert_eq!(get(&m, "tcplb_worker_handoffs_total", &[]), before);
