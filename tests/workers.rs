@@ -116,3 +116,22 @@ async fn many_concurrent_connections_through_handoffs_lose_nothing() {
         t.await.expect("a connection failed");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switches_the_policy_for_new_connections() {
+    let (echo, _) = echo_backend().await;
+    let config = |addr, balance| {
+        let mut l = listener_on(addr, &[echo]);
+        l.protocol = Protocol::Tcp;
+        let mut c: Config = with_admin(l);
+        c.threads = Some(WORKERS);
+        c.worker_balance = balance;
+        c
+    };
+    let lb = start(config("127.0.0.1:0".parse().unwrap(), WorkerBalance::Hash)).await;
+    let admin = lb.admin.expect("admin endpoint");
+    // The bound address, so the reload keeps the socket.
+    lb.handle.reload(config(lb.addr, WorkerBalance::Fewest)).await.expect("reload");
+    let _conns = open_pool(&lb).await;
+    assert_eq!(per_worker(&scrape(admin).await), vec![2.0; WORKERS], "after the reload");
+}
