@@ -183,10 +183,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = config::parse_positive)]
     pub threads: Option<usize>,
 
-    /// How new connections are spread over the worker threads: fewest (a
-    /// worker that serves more connections than the least busy one, by more
-    /// than an eighth, hands the new one over) or hash (where the kernel's
-    /// SO_REUSEPORT hash put it) [default: fewest]
+    /// How new connections are spread over the worker threads [default: fewest]
     #[arg(long, value_enum, value_name = "MODE")]
     pub worker_balance: Option<WorkerBalance>,
 
