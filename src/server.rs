@@ -506,7 +506,7 @@ impl Runtime {
         let token = lr.stop.child_token();
         let local = group.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
         for (i, socket) in group.into_iter().enumerate() {
-            let worker = i % self.workers.share.len();
+            let worker = i % self.workers.share.count();
             let ctx = self.accept_context(token.clone(), worker);
             let accept = listener::accept_loop(socket, Arc::clone(&lr.service), ctx);
             self.workers.share.slot(worker).handle().spawn(self.accepting.track_future(accept));
@@ -625,7 +625,7 @@ impl Runtime {
                 let have =
                     existing.is_some_and(|i| self.listeners[i].sockets.iter().any(|b| b.is(addr)));
                 if !have {
-                    new_sockets.push((addr, bind(addr, lc, self.workers.share.len())?));
+                    new_sockets.push((addr, bind(addr, lc, self.workers.share.count())?));
                 }
             }
             prepared.push(Prepared { config: lc.clone(), assembled, new_sockets, existing });
