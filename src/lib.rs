@@ -35,6 +35,7 @@
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 encoding and decoding.
 //! - [`metrics`]: Prometheus metrics read from the live atomics at scrape time.
 //! - [`shutdown`]: process signals.
+//! - `sys`: the one `unsafe` call, with its safety argument.
 //! - [`workers`]: the data-plane threads.
 #![deny(unsafe_code)]
 // Bad input and network errors are returned, never unwrapped (tests may).
@@ -57,6 +58,7 @@ pub mod replay;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+mod sys;
 pub mod workers;
 
 pub use config::Config;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,25 +93,44 @@ pub async fn contain_panic(
     }
 }
 
-/// Moves a connection this worker accepted to the worker of `seat`, before
-/// a byte of it is read: out of this worker's epoll, into the other's.
+/// Accepts one connection, non-blocking and close-on-exec in one `accept4`,
+/// without registering it with any epoll: [`place`](Share::place) decides
+/// first which worker serves it, and that worker registers it.
+fn accept_raw(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (fd, peer) =
+        rustix::net::acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let stream = std::net::TcpStream::from(fd);
+    // A TCP listener's peers have IPv4 or IPv6 addresses; the kernel leaves
+    // the address out only for a peer already gone.
+    let peer = peer.and_then(|a| SocketAddr::try_from(a).ok()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "the client left before accept")
+    })?;
+    Ok((stream, peer))
+}
+
+/// Registers an accepted connection with this worker's epoll.
+fn register(svc: &Service, stream: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    match TcpStream::from_std(stream) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            // The socket is closed; the client sees a reset.
+            crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+            debug!(listener = %svc.name, client = %peer, error = %e, "cannot register an accepted connection");
+            None
+        }
+    }
+}
+
+/// Gives a connection this worker accepted to the worker of `seat`, before
+/// a byte of it is read; that worker registers it with its own epoll.
 fn hand_off(
     tracker: &TaskTracker,
     svc: &Arc<Service>,
-    stream: tokio::net::TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
     seat: Seat,
 ) {
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            // Leaving this worker's epoll failed: the socket is closed.
-            crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
-            debug!(listener = %svc.name, client = %peer, error = %e, "cannot hand a connection to another worker");
-            return;
-        }
-    };
     crate::metrics::WORKER_HANDOFFS.fetch_add(1, Ordering::Relaxed);
     let handle = seat.slot().handle().clone();
     let kill = seat.slot().kill().clone();
@@ -119,12 +139,8 @@ fn hand_off(
     // The socket is registered on the runtime that polls this task. The
     // connection's future is built inside it, so it is stored once.
     let task = AssertUnwindSafe(async move {
-        match tokio::net::TcpStream::from_std(stream) {
-            Ok(stream) => proxy::serve(svc, stream, peer, kill).await,
-            Err(e) => {
-                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
-                debug!(listener = %svc.name, client = %peer, error = %e, "cannot register a handed-over connection");
-            }
+        if let Some(stream) = register(&svc, stream, peer) {
+            proxy::serve(svc, stream, peer, kill).await;
         }
     })
     .catch_unwind()
@@ -176,24 +192,26 @@ pub struct AcceptContext {
 }
 
 /// Accepts until `ctx.stop` is cancelled, then drops (closes) the listener.
-/// The socket is registered with the runtime this runs on, and so are the
-/// connections it accepts.
+/// The socket is registered with the runtime this runs on; each connection
+/// it accepts is registered with the worker that serves it, once (tokio's
+/// own accept would register it here first, which a connection handed to
+/// another worker would then have to undo).
 pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx: AcceptContext) {
-    let listener = match TcpListener::from_std(listener) {
+    let listener = match crate::sys::readiness(listener) {
         Ok(l) => l,
         Err(e) => {
             error!(listener = %svc.name, error = %e, "cannot register a listen socket");
             return;
         }
     };
-    let local = listener.local_addr().ok();
+    let local = listener.get_ref().local_addr().ok();
     // Exhaustion errors in the current burst; a burst ends once accepts have
     // succeeded for BURST_GAP after the last error.
     let mut failures: u64 = 0;
     let mut last_failure = tokio::time::Instant::now();
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = listener.async_io(tokio::io::Interest::READABLE, accept_raw) => r,
             _ = ctx.stop.cancelled() => return,
         };
         match accepted {
@@ -220,6 +238,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 debug!(listener = %svc.name, client = %peer, "accepted");
                 let seat = ctx.workers.place(ctx.worker);
                 if seat.worker() == ctx.worker {
+                    let Some(stream) = register(&svc, stream, peer) else { continue };
                     let kill = seat.slot().kill().clone();
                     // No async block around the task: it would store the
                     // connection's future twice.
@@ -266,6 +285,28 @@ mod tests {
         assert!(panicked);
         assert!(!contain_panic("t", peer, async {}).await);
         assert_eq!(crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed), before + 1);
+    }
+
+    #[test]
+    fn raw_accepts_are_non_blocking_and_name_the_client() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = bind_std(addr.parse().unwrap(), 16, false).unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let accepted = (0..200).find_map(|_| match accept_raw(&listener) {
+                Ok(got) => Some(got),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    None
+                }
+                Err(e) => panic!("{addr}: accept failed: {e}"),
+            });
+            let (stream, peer) = accepted.expect("the client was never accepted");
+            assert_eq!(peer, client.local_addr().unwrap(), "{addr}: wrong client address");
+            // A blocking socket would stall the whole worker on its first read.
+            let s = SockRef::from(&stream);
+            assert!(s.nonblocking().unwrap(), "{addr}: accepted socket is blocking");
+            assert!(s.nodelay().unwrap(), "{addr}: TCP_NODELAY not inherited");
+        }
     }
 
     #[test]

@@ -11,12 +11,11 @@
 //! than an eighth, hands the connection it just accepted to that worker
 //! before reading a byte of it, as HAProxy spreads its accepted connections
 //! over its threads. The counts are per-worker atomics on separate cache
-//! lines; the hand-off costs two `epoll_ctl` (tokio's accept has already
-//! registered the socket with this worker's epoll: out of it, into the
-//! other's) and one wake-up of the other worker, and only connections that
-//! move pay it. It balances connections,
-//! not bytes: an idle connection (iperf3's control connection, a quiet pool
-//! member) counts as much as a busy one. With 50 concurrent short
+//! lines. The accept loop leaves a new socket out of every epoll until its
+//! worker is chosen, so the hand-off costs only a wake-up of the other
+//! worker (tokio's eventfd), and only connections that move pay it. It
+//! balances connections, not bytes: an idle connection (iperf3's control
+//! connection, a quiet pool member) counts as much as a busy one. With 50 concurrent short
 //! connections on 2 workers about 4 in 10 move (counts of a few each side
 //! differ by one all the time), and that still measured 1.05x the
 //! connections per second of the hash alone, at the same CPU per
