@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -421,21 +423,48 @@ async fn connect(
 }
 
 async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let socket =
-        if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| {
-            if crate::listener::is_resource_exhaustion(&e) {
-                ConnectError::Local(e)
-            } else {
-                ConnectError::Io(e)
-            }
-        })?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| {
+        if crate::listener::is_resource_exhaustion(&e) {
+            ConnectError::Local(e)
+        } else {
+            ConnectError::Io(e)
+        }
+    })?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
     socket.set_keepalive(true).map_err(ConnectError::Io)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
+    // A non-blocking connect returns EINPROGRESS while the handshake runs.
+    match socket.connect(&addr.into()) {
+        Err(e) if e.raw_os_error() != Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
+            return Err(ConnectError::Io(e))
+        }
+        _ => {}
+    }
+    let stream = TcpStream::from_std(socket.into()).map_err(ConnectError::Io)?;
+    match tokio::time::timeout(timeout, established(&stream)).await {
+        Ok(Ok(())) => Ok(stream),
         Ok(Err(e)) => Err(ConnectError::Io(e)),
         Err(_) => Err(ConnectError::Timeout),
     }
+}
+
+/// Waits until a non-blocking connect has finished. A handshake that failed
+/// (refused, reset, unreachable) raises EPOLLERR or EPOLLHUP, and only then
+/// is the socket's error read: writable without either means established,
+/// so a connection costs no `getsockopt(SO_ERROR)`, which tokio's own
+/// connect makes every time (HAProxy reads it only on an error event, too).
+async fn established(stream: &TcpStream) -> io::Result<()> {
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if !ready.is_write_closed() {
+        return Ok(());
+    }
+    Err(stream.take_error()?.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::ConnectionReset, "closed while connecting")
+    }))
 }
 
 /// No backend could be reached: answer an HTTP client, close anything else.
@@ -470,6 +499,35 @@ async fn fail(
     tokio::select! {
         answered = answer => answered,
         _ = cancel.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connect_ends_established_or_with_the_kernels_reason() {
+        for ip in ["127.0.0.1", "[::1]"] {
+            let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
+            let open = listener.local_addr().unwrap();
+            let mut stream = connect_one(open, Duration::from_secs(3)).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
+            assert_eq!(&got, b"ping", "{ip}: the established stream carries bytes");
+
+            drop((listener, server));
+            match connect_one(open, Duration::from_secs(3)).await {
+                Err(ConnectError::Io(e)) => {
+                    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{ip}: {e}")
+                }
+                Err(ConnectError::Timeout) => panic!("{ip}: a refused connect timed out"),
+                Err(ConnectError::Local(e)) => panic!("{ip}: a refused connect blamed on us: {e}"),
+                Ok(_) => panic!("{ip}: connected to a closed port"),
+            }
+        }
     }
 }
 
