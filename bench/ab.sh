@@ -11,12 +11,19 @@
 #   bench/ab.sh haproxy target/release/tcplb   # or HAProxy (mode tcp)
 #   WORKERS=1 bench/ab.sh nginx target/release/tcplb   # one worker each
 #   URL_PATH=/body/64k bench/ab.sh haproxy-splice target/release/tcplb
+#   TOGETHER=1 ROUNDS=40 bench/ab.sh A B   # both stay up, 2 s rounds
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
 # tcplb's workers have, instead of one shared socket. URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k
 # (BODY_SIZES in bench/lib.sh).
+#
+# TOGETHER=1 starts A and B once, on two ports, and keeps both up: a round
+# is then two short wrk runs (DURATION defaults to 2 s) a few seconds apart
+# instead of two proxy starts ~15 s apart, so a pair is measured in the same
+# phase of the shared machine's load (which here changes every few rounds by
+# up to 30%). Only the loaded proxy uses CPU; the idle one sleeps in epoll.
 #
 # Prints, per round, for A and B: req/s, the proxy's CPU µs per request (user
 # + system from /proc) and the whole machine's (client and backends too: what
@@ -27,7 +34,8 @@ set -euo pipefail
 A=${1:?usage: bench/ab.sh BINARY_A BINARY_B}
 B=${2:?usage: bench/ab.sh BINARY_A BINARY_B}
 ROUNDS=${ROUNDS:-12}
-DURATION=${DURATION:-5}
+TOGETHER=${TOGETHER:-0}
+DURATION=${DURATION:-$([ "$TOGETHER" = 1 ] && echo 2 || echo 5)}
 WORKLOAD=${WORKLOAD:-close}
 case $WORKLOAD in
     close) HEADER="Connection: close" ;;
@@ -47,6 +55,24 @@ one_lb_setup ab
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"
     lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
 }
+if [ "$TOGETHER" = 1 ]; then
+    [ "$A" != "$B" ] || { echo "ab.sh: TOGETHER=1 needs two different proxies" >&2; exit 2; }
+    case "$A $B" in *nginx*nginx*) echo "ab.sh: TOGETHER=1 runs one nginx at most" >&2; exit 2 ;; esac
+    LB_B=$((LB + 1))
+    require_free_ports $LB_B
+    mkdir -p "$WORK/a" "$WORK/b"
+    trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; one_lb_cleanup' EXIT
+    start_lb "$WORK/a" "$A" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
+    start_lb "$WORK/b" "$B" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
+    for port in $LB $LB_B; do wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$port$URL_PATH" >/dev/null; done
+    one() { # A or B (already running) -> "req/s proxy-CPU machine-CPU p99"
+        local port=$LB pids=$PIDS_A r p99 cpu mach
+        [ "$1" = "$B" ] && port=$LB_B pids=$PIDS_B
+        # shellcheck disable=SC2086 # one pid per word
+        read -r r _ p99 cpu mach < <(wrk_measured "http://127.0.0.1:$port$URL_PATH" "$HEADER" "$DURATION" $pids)
+        echo "$r $cpu $mach $p99"
+    }
+fi
 
 echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $URL_PATH, $WORKERS workers)"
 : > "$WORK/rounds"
