@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, ProxyVersion,
-    SpliceMode, StrategyKind, Upstream, WorkerBalance,
+    self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Overrides, Protocol,
+    ProxyVersion, SpliceMode, StrategyKind, Upstream, WorkerBalance,
 };
 
 const EXAMPLES: &str = "\
@@ -231,10 +231,18 @@ impl Cli {
     /// The configuration: the file given with `--config`, or the flags as
     /// one listener. Errors are one line per problem.
     pub fn into_config(self) -> Result<Config, String> {
-        if let Some(path) = &self.config {
-            return config::file::load(path).map_err(|p| p.to_string());
-        }
-        self.flags_config()
+        let overrides = self.overrides();
+        let mut config = match &self.config {
+            Some(path) => config::file::load(path).map_err(|p| p.to_string())?,
+            None => self.flags_config()?,
+        };
+        overrides.apply(&mut config);
+        Ok(config)
+    }
+
+    /// The flags that apply over a `--config` file too (at every reload).
+    pub fn overrides(&self) -> Overrides {
+        Overrides { threads: self.threads, worker_balance: self.worker_balance }
     }
 
     /// Maps the flags onto a one-listener [`Config`].

@@ -35,10 +35,9 @@ fn main() -> ExitCode {
     };
     let format = cli.log_format;
     let check = cli.check;
-    let threads = cli.threads;
-    let worker_balance = cli.worker_balance;
+    let overrides = cli.overrides();
     let config_path = cli.config.clone();
-    let mut config = match cli.into_config() {
+    let config = match cli.into_config() {
         Ok(c) => c,
         Err(problems) => {
             for line in problems.lines() {
@@ -53,12 +52,6 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(filter, format);
-    if threads.is_some() {
-        config.threads = threads;
-    }
-    if let Some(b) = worker_balance {
-        config.worker_balance = b;
-    }
 
     // The control plane (reload, DNS, probes, admin) runs here; connections
     // run on the server's own worker threads.
@@ -74,7 +67,7 @@ fn main() -> ExitCode {
         let signals = tcplb::shutdown::Signals::install();
         match tcplb::Server::bind(config).await {
             Ok(server) => {
-                let (shutdown, reload) = signals.split(config_path, server.handle());
+                let (shutdown, reload) = signals.split(config_path, overrides, server.handle());
                 tokio::spawn(reload);
                 server.run(shutdown).await;
                 ExitCode::SUCCESS

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use tracing::{error, info, warn};
 
+use crate::config::Overrides;
 use crate::server::Handle;
 
 /// Exit code after a second SIGINT (128 + SIGINT, as shells report it).
@@ -38,17 +39,19 @@ impl Signals {
         Signals { streams }
     }
 
-    /// Splits into the shutdown future and the SIGHUP reload task.
+    /// Splits into the shutdown future and the SIGHUP reload task, which
+    /// applies `overrides` (the command line's) over every reloaded file.
     pub fn split(
         self,
         config: Option<PathBuf>,
+        overrides: Overrides,
         handle: Handle,
     ) -> (impl std::future::Future<Output = ()>, impl std::future::Future<Output = ()>) {
         let (term_int, hup) = match self.streams {
             Some((t, i, h)) => (Some((t, i)), Some(h)),
             None => (None, None),
         };
-        (shutdown(term_int), reload_on_hangup(hup, config, handle))
+        (shutdown(term_int), reload_on_hangup(hup, config, overrides, handle))
     }
 }
 
@@ -70,9 +73,15 @@ async fn shutdown(streams: Option<(Signal, Signal)>) {
     });
 }
 
-/// On every SIGHUP, re-reads and validates `path` and applies it; an invalid
-/// file is logged problem by problem and the running configuration stays.
-async fn reload_on_hangup(hup: Option<Signal>, path: Option<PathBuf>, handle: Handle) {
+/// On every SIGHUP, re-reads and validates `path` and applies it, with the
+/// command line's `overrides` over it; an invalid file is logged problem by
+/// problem and the running configuration stays.
+async fn reload_on_hangup(
+    hup: Option<Signal>,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    handle: Handle,
+) {
     let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         let Some(path) = &path else {
@@ -90,7 +99,8 @@ async fn reload_on_hangup(hup: Option<Signal>, path: Option<PathBuf>, handle: Ha
                     "reload rejected: keeping the running configuration"
                 );
             }
-            Ok(config) => {
+            Ok(mut config) => {
+                overrides.apply(&mut config);
                 // The control loop logs the summary or the failure.
                 let _ = handle.reload(config).await;
             }

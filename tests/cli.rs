@@ -297,3 +297,72 @@ fn upgrade_in_place_a_second_instance_takes_over_the_port() {
     assert_eq!(wait_exit(&mut old, Duration::from_secs(10)), Some(0));
     assert!(round_trip(&addr));
 }
+
+/// Waits for a log line containing `needle`; returns it.
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// A flag given next to --config holds across reloads: the file leaves
+/// worker_balance at its default (fewest), and after a SIGHUP re-reads it
+/// `--worker-balance hash` must still apply, so no connection is handed to
+/// another worker. (Before the fix the reload switched to fewest: with 24
+/// connections held open over 2 workers, some are all but certainly moved.)
+#[tokio::test]
+async fn command_line_flags_over_a_config_file_survive_a_reload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = common::thread_echo_server();
+    let path = std::env::temp_dir().join(format!("tcplb-overrides-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"t\"\n\
+             listen = \"127.0.0.1:0\"\nupstreams = [\"{upstream}\"]\n\n\
+             [listener.health]\ncheck = \"none\"\n"
+        ),
+    )
+    .unwrap();
+    let (child, rx) = spawn_logged(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["--threads", "2", "--worker-balance", "hash"])
+            .env_remove("RUST_LOG"),
+    );
+    let listen = wait_line(&rx, "listen=[");
+    let listen = listen.split("listen=[").nth(1).unwrap().split(']').next().unwrap().to_string();
+    let admin = wait_line(&rx, "admin endpoint listening");
+    let admin: std::net::SocketAddr = admin.split("addr=").nth(1).unwrap().trim().parse().unwrap();
+
+    signal(&child, "-HUP");
+    wait_line(&rx, "reload applied");
+    let mut held = Vec::new();
+    for i in 0..24u8 {
+        let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        s.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i);
+        held.push(s);
+    }
+    let m = common::scrape(admin).await;
+    assert_eq!(
+        common::get(&m, "tcplb_worker_handoffs_total", &[]),
+        0.0,
+        "the reload dropped --worker-balance hash"
+    );
+    let spread: f64 = (0..2)
+        .map(|w| common::get(&m, "tcplb_worker_connections", &[("worker", &w.to_string())]))
+        .sum();
+    assert_eq!(spread, 24.0, "every held connection is counted on a worker");
+    drop((held, child));
+    let _ = std::fs::remove_file(&path);
+}

@@ -66,6 +66,29 @@ impl Config {
     }
 }
 
+/// What the command line sets over a configuration file: applied to the
+/// file at start and again at every reload, so that a SIGHUP never drops a
+/// flag the process was started with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--worker-balance`.
+    pub worker_balance: Option<WorkerBalance>,
+}
+
+impl Overrides {
+    /// Sets in `config` what the command line gave.
+    pub fn apply(&self, config: &mut Config) {
+        if self.threads.is_some() {
+            config.threads = self.threads;
+        }
+        if let Some(b) = self.worker_balance {
+            config.worker_balance = b;
+        }
+    }
+}
+
 impl Default for Config {
     /// No listener, every global default.
     fn default() -> Self {
