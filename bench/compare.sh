@@ -241,19 +241,31 @@ RESULTS=$WORK/results.txt
 # ...; ABBA generalized), so that no proxy always runs after the same one:
 # the position is worth up to 10% here (an A/A run read 1.04-1.05x in fixed
 # order; bench/ab.sh's pairs show the same effect, cancelled the same way).
+# Within a round each workload runs on every proxy in turn before the next
+# workload starts, so the figures a ratio compares were taken seconds apart,
+# not a minute (this machine's speed drifts in phases of that length).
+declare -A KA P50 P99 CPU_KA MACH_KA CL CPU_CL MACH_CL I1 I8 KA64 CPU_KA64 RSET RGET CPU_REDIS
 for round in $(seq 1 "$ROUNDS"); do
     round_order "$round" "${PROXIES[@]}"
     for p in "${ORDER[@]}"; do
-        read -r ka p50 p99 cpu_ka mach_ka < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
-        read -r cl _ _ cpu_cl mach_cl < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
-        i1=$(iperf_run "${IPERF_PORT[$p]}" 1)
-        i8=$(iperf_run "${IPERF_PORT[$p]}" 8)
-        # Responses of 64 KiB (the others are 19 bytes): what a web page or
-        # a larger API answer costs, where the size of the proxy's buffers
-        # shows (HAProxy's and nginx's are 16 KiB by default, tcplb's 64 KiB).
-        read -r ka64 _ _ cpu_ka64 _ < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "" /body/64k)
-        read -r rset rget cpu_redis < <(redis_run "${REDIS_PORT[$p]}" $(proxy_pids "$p"))
-        echo "$round $p $ka $cl $i1 $i8 $p50 $p99 $cpu_ka $cpu_cl $mach_ka $mach_cl $ka64 $cpu_ka64 $rset $rget $cpu_redis" | tee -a "$RESULTS" >&2
+        read -r KA[$p] P50[$p] P99[$p] CPU_KA[$p] MACH_KA[$p] < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "")
+    done
+    for p in "${ORDER[@]}"; do
+        read -r CL[$p] _ _ CPU_CL[$p] MACH_CL[$p] < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
+    done
+    for p in "${ORDER[@]}"; do I1[$p]=$(iperf_run "${IPERF_PORT[$p]}" 1); done
+    for p in "${ORDER[@]}"; do I8[$p]=$(iperf_run "${IPERF_PORT[$p]}" 8); done
+    # Responses of 64 KiB (the others are 19 bytes): what a web page or
+    # a larger API answer costs, where the size of the proxy's buffers
+    # shows (HAProxy's and nginx's are 16 KiB by default, tcplb's 64 KiB).
+    for p in "${ORDER[@]}"; do
+        read -r KA64[$p] _ _ CPU_KA64[$p] _ < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "" /body/64k)
+    done
+    for p in "${ORDER[@]}"; do
+        read -r RSET[$p] RGET[$p] CPU_REDIS[$p] < <(redis_run "${REDIS_PORT[$p]}" $(proxy_pids "$p"))
+    done
+    for p in "${ORDER[@]}"; do
+        echo "$round $p ${KA[$p]} ${CL[$p]} ${I1[$p]} ${I8[$p]} ${P50[$p]} ${P99[$p]} ${CPU_KA[$p]} ${CPU_CL[$p]} ${MACH_KA[$p]} ${MACH_CL[$p]} ${KA64[$p]} ${CPU_KA64[$p]} ${RSET[$p]} ${RGET[$p]} ${CPU_REDIS[$p]}" | tee -a "$RESULTS" >&2
     done
 done
 
