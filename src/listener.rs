@@ -32,9 +32,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 }
 
 /// Binds `n` sockets to `addr` with SO_REUSEPORT, one per worker thread: the
-/// kernel spreads new connections over them, and each worker accepts and
-/// serves its own without handing connections across threads. With port 0
-/// the first socket picks the port and the others join it.
+/// kernel spreads new connections over them, and each worker accepts its
+/// own (serving it, or handing it to a less busy worker: `workers`). With
+/// port 0 the first socket picks the port and the others join it.
 pub fn bind_group(
     addr: SocketAddr,
     backlog: u32,

@@ -15,10 +15,10 @@
 //! worker is chosen, so the hand-off costs only a wake-up of the other
 //! worker (tokio's eventfd), and only connections that move pay it. It
 //! balances connections, not bytes: an idle connection (iperf3's control
-//! connection, a quiet pool member) counts as much as a busy one. With 50 concurrent short
-//! connections on 2 workers about 4 in 10 move (counts of a few each side
-//! differ by one all the time), and that still measured 1.05x the
-//! connections per second of the hash alone, at the same CPU per
+//! connection, a quiet pool member) counts as much as a busy one. With 50
+//! concurrent short connections on 2 workers about 4 in 10 move (counts of
+//! a few each side differ by one all the time), and that still measured
+//! 1.05x the connections per second of the hash alone, at the same CPU per
 //! connection (docs/benchmarks.md).
 
 use std::io;
