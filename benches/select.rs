@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tcplb::backend::{Backend, Pool};
 use tcplb::config::StrategyKind;
+use tcplb::{Backend, Pool};
 
 const STRATEGIES: [StrategyKind; 4] = [
     StrategyKind::RoundRobin,

@@ -1,6 +1,9 @@
 //! The command line. Doc comments here are the `--help` text; parsing of
 //! values lives in [`crate::config`], and turning flags into a [`Config`] is
 //! [`Cli::into_config`], a plain field-by-field mapping.
+// The doc comments below are written for `--help`, where `[,backup]` and
+// `[::]:80` are literal text, not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

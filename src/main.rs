@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         // Before anything listens: a signal must never meet its default action.
-        let signals = tcplb::shutdown::Signals::install();
+        let signals = tcplb::Signals::install();
         match tcplb::Server::bind(config).await {
             Ok(server) => {
                 let (shutdown, reload) = signals.split(config_path, overrides, server.handle());

@@ -212,24 +212,19 @@ async fn token_is_required_off_loopback() {
     let post = hyper::Method::POST;
     // Routing only: nothing is bound off loopback in tests.
     let exposed: SocketAddr = "0.0.0.0:9901".parse().unwrap();
-    let open = tcplb::admin::Admin::new(lb.handle.clone(), registry(), None, exposed);
+    let open = tcplb::Admin::new(lb.handle.clone(), registry(), None, exposed);
     assert_eq!(open.route(&post, "/backends/drain", Some(&query), None).0, 403);
     assert_eq!(open.route(&hyper::Method::GET, "/healthz", None, None).0, 200, "reads stay open");
 
-    let guarded =
-        tcplb::admin::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), exposed);
+    let guarded = tcplb::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), exposed);
     assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), None).0, 401);
     assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer wrong")).0, 401);
     assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer s3cret")).0, 200);
     assert!(lb.backends[0].is_draining());
 
     // On loopback without a token, POSTs are allowed.
-    let local = tcplb::admin::Admin::new(
-        lb.handle.clone(),
-        registry(),
-        None,
-        "127.0.0.1:9901".parse().unwrap(),
-    );
+    let local =
+        tcplb::Admin::new(lb.handle.clone(), registry(), None, "127.0.0.1:9901".parse().unwrap());
     assert_eq!(local.route(&post, "/backends/enable", Some(&query), None).0, 200);
     assert!(!lb.backends[0].is_draining());
 }
@@ -238,7 +233,7 @@ async fn token_is_required_off_loopback() {
 struct NoServices;
 
 impl tcplb::metrics::Source for NoServices {
-    fn services(&self) -> std::sync::Arc<Vec<std::sync::Arc<tcplb::service::Service>>> {
+    fn services(&self) -> std::sync::Arc<Vec<std::sync::Arc<tcplb::Service>>> {
         std::sync::Arc::new(Vec::new())
     }
 }

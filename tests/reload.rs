@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use tcplb::config::{Config, ListenerConfig};
-use tcplb::discovery::Resolve;
+use tcplb::Resolve;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -3,6 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tcplb::http::sniff(data);
-    let _ = tcplb::replay::verdict(data);
+    let _ = tcplb::parse::sniff(data);
+    let _ = tcplb::parse::verdict(data);
 });

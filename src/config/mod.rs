@@ -168,6 +168,11 @@ impl ListenerConfig {
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
     }
 
+    /// The inactivity limits of its connections.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts { idle: self.idle_timeout, half_close: self.half_close_timeout }
+    }
+
     /// A listener with every default, for the given addresses and upstreams.
     pub fn new(name: impl Into<String>, listen: Vec<SocketAddr>, upstreams: Vec<Upstream>) -> Self {
         ListenerConfig {
@@ -190,6 +195,25 @@ impl ListenerConfig {
             splice: SpliceMode::Auto,
             allow: Vec::new(),
             deny: Vec::new(),
+        }
+    }
+}
+
+/// Timeouts that bound a spliced connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Close after this long with no bytes either way (None: never).
+    pub idle: Option<Duration>,
+    /// Once one direction has ended, close after this long with no bytes (None: idle only).
+    pub half_close: Option<Duration>,
+}
+
+impl Timeouts {
+    /// The inactivity limit once one side has finished sending.
+    pub fn after_half_close(&self) -> Option<Duration> {
+        match (self.idle, self.half_close) {
+            (Some(i), Some(h)) => Some(i.min(h)),
+            (i, h) => i.or(h),
         }
     }
 }

@@ -21,7 +21,7 @@ pub struct Lb {
     /// Every listen address.
     pub addrs: Vec<SocketAddr>,
     /// The backends, for inspecting health and counters.
-    pub backends: Vec<std::sync::Arc<tcplb::backend::Backend>>,
+    pub backends: Vec<std::sync::Arc<tcplb::Backend>>,
     /// To reload and inspect the running server.
     pub handle: tcplb::Handle,
     /// The admin endpoint, when configured.
@@ -68,10 +68,7 @@ pub async fn start(config: Config) -> Lb {
 }
 
 /// Starts tcplb with `config` and a given resolver.
-pub async fn start_with(
-    config: Config,
-    resolver: std::sync::Arc<dyn tcplb::discovery::Resolve>,
-) -> Lb {
+pub async fn start_with(config: Config, resolver: std::sync::Arc<dyn tcplb::Resolve>) -> Lb {
     start_server(Server::bind_with(config, resolver).await.expect("bind tcplb"))
 }
 

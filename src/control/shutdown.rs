@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tracing::{error, info, warn};
 
 use crate::config::Overrides;
-use crate::server::Handle;
+use crate::control::handle::Handle;
 
 /// Exit code after a second SIGINT (128 + SIGINT, as shells report it).
 const FORCED_EXIT: i32 = 130;

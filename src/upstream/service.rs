@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, Pool};
-use crate::config::ListenerConfig;
-use crate::metrics::ListenerStats;
+use crate::config::{HealthCheck, ListenerConfig};
+use crate::stats::ListenerStats;
+use crate::upstream::{Backend, Pool};
 
 /// Settings and pool at one point in time.
 #[derive(Debug)]
@@ -32,6 +32,13 @@ impl Snapshot {
             || config.send_proxy.is_some()
             || config.upstreams.iter().any(|u| u.send_proxy.is_some());
         Snapshot { config, pool, needs_destination }
+    }
+
+    /// Whether real traffic feeds health. Only when active probes run: with
+    /// `check = none` nothing could ever bring a passively downed backend
+    /// back up.
+    pub fn passive_health(&self) -> bool {
+        self.config.health.check != HealthCheck::None
     }
 }
 

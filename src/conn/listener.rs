@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::proxy;
-use crate::service::Service;
-use crate::workers::{Seat, Share};
+use crate::conn::proxy;
+use crate::conn::workers::{Seat, WorkerSet};
+use crate::io::is_resource_exhaustion;
+use crate::upstream::Service;
 
 /// Pause after an accept error caused by resource exhaustion.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -68,33 +69,8 @@ fn bind_std(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std:
     Ok(socket.into())
 }
 
-/// Errors after which accepting again at once would fail again: back off.
-pub fn is_resource_exhaustion(e: &io::Error) -> bool {
-    const EMFILE: i32 = 24;
-    const ENFILE: i32 = 23;
-    const ENOBUFS: i32 = 105;
-    const ENOMEM: i32 = 12;
-    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
-}
-
-/// Runs one connection's task; a panic in it (a bug) is logged and counted,
-/// and costs that connection only, never the process. Returns whether it panicked.
-pub async fn contain_panic(
-    listener: &str,
-    peer: SocketAddr,
-    task: impl std::future::Future<Output = ()>,
-) -> bool {
-    match AssertUnwindSafe(task).catch_unwind().await {
-        Ok(()) => false,
-        Err(panic) => {
-            report_panic(listener, peer, &*panic);
-            true
-        }
-    }
-}
-
 /// Accepts one connection, non-blocking and close-on-exec in one `accept4`,
-/// without registering it with any epoll: [`place`](Share::place) decides
+/// without registering it with any epoll: [`place`](WorkerSet::place) decides
 /// first which worker serves it, and that worker registers it.
 fn accept_raw(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
     let (fd, peer) =
@@ -114,7 +90,7 @@ fn register(svc: &Service, stream: std::net::TcpStream, peer: SocketAddr) -> Opt
         Ok(s) => Some(s),
         Err(e) => {
             // The socket is closed; the client sees a reset.
-            crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+            crate::stats::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
             debug!(listener = %svc.name, client = %peer, error = %e, "cannot register an accepted connection");
             None
         }
@@ -131,7 +107,7 @@ fn hand_off(
     permit: tokio::sync::OwnedSemaphorePermit,
     seat: Seat,
 ) {
-    crate::metrics::WORKER_HANDOFFS.fetch_add(1, Ordering::Relaxed);
+    crate::stats::WORKER_HANDOFFS.fetch_add(1, Ordering::Relaxed);
     let handle = seat.slot().handle().clone();
     let kill = seat.slot().kill().clone();
     let svc = Arc::clone(svc);
@@ -166,7 +142,7 @@ fn release(
 
 /// Logs and counts a panic caught in a connection task.
 fn report_panic(listener: &str, peer: SocketAddr, panic: &(dyn std::any::Any + Send)) {
-    crate::metrics::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
+    crate::stats::CONNECTION_PANICS.fetch_add(1, Ordering::Relaxed);
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -186,7 +162,7 @@ pub struct AcceptContext {
     pub stop: CancellationToken,
     /// Every worker: where a connection is served, and the token that
     /// closes it at the drain deadline.
-    pub workers: Arc<Share>,
+    pub workers: Arc<WorkerSet>,
     /// The worker this loop runs on.
     pub worker: usize,
 }
@@ -252,7 +228,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 }
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+                crate::stats::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
                 if failures == 0 {
                     warn!(listener = %svc.name, addr = ?local, error = %e, "accept failed: out of resources, backing off");
                 }
@@ -264,7 +240,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 }
             }
             Err(e) => {
-                crate::metrics::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+                crate::stats::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
                 // Per-connection failures (e.g. ECONNABORTED) never stop the listener.
                 debug!(listener = %svc.name, error = %e, "accept failed");
             }
@@ -277,14 +253,32 @@ mod tests {
     use super::*;
     use socket2::SockRef;
 
+    /// Runs `task` as the accept loop runs a connection's task: panics are
+    /// caught, reported by [`release`], and its slot and seat given back.
+    async fn contain(task: impl std::future::Future<Output = ()>) -> bool {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let limit = Arc::new(Semaphore::new(1));
+        let permit = Arc::clone(&limit).try_acquire_owned().unwrap();
+        let kill = CancellationToken::new();
+        let workers =
+            crate::conn::workers::Workers::start(1, crate::config::WorkerBalance::Hash, &kill)
+                .unwrap();
+        let seat = workers.set.place(0);
+        let result = AssertUnwindSafe(task).catch_unwind().await;
+        let panicked = result.is_err();
+        release("t".into(), peer, permit, seat)(result);
+        assert_eq!(limit.available_permits(), 1, "the connection slot is given back");
+        assert_eq!(workers.set.active(), vec![0], "the worker seat is given back");
+        panicked
+    }
+
     #[tokio::test]
     async fn a_panicking_connection_task_is_contained_and_counted() {
-        let before = crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed);
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let panicked = contain_panic("t", peer, async { panic!("bug in a connection") }).await;
+        let before = crate::stats::CONNECTION_PANICS.load(Ordering::Relaxed);
+        let panicked = contain(async { panic!("bug in a connection") }).await;
         assert!(panicked);
-        assert!(!contain_panic("t", peer, async {}).await);
-        assert_eq!(crate::metrics::CONNECTION_PANICS.load(Ordering::Relaxed), before + 1);
+        assert!(!contain(async {}).await);
+        assert_eq!(crate::stats::CONNECTION_PANICS.load(Ordering::Relaxed), before + 1);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::{fast_random, lighter, scan_from, Strategy};
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// Picks the less loaded (per weight) of two random available backends.
 #[derive(Debug, Default)]

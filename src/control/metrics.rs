@@ -1,111 +1,23 @@
-//! Prometheus metrics, without a lock or an allocation per connection.
+//! Prometheus metrics, read at scrape time.
 //!
-//! Everything is counted where it happens in plain atomics that already live
-//! on backends and listeners; a prometheus-client [`Collector`] reads them at
-//! scrape time and encodes them with the library's text encoder. Durations go
-//! into [`Histogram`]s of fixed buckets, one atomic per bucket.
+//! Everything is counted where it happens, in the atomics of
+//! [`crate::stats`] and on each backend; a prometheus-client [`Collector`]
+//! reads them on each scrape and encodes them with the library's text
+//! encoder, so the data path never takes a lock or allocates for metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::backend::ConnectFailure;
-use crate::http::Status;
-use crate::service::Service;
-
-/// Accept errors of every listener since start.
-pub static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
-/// Connection tasks that panicked (a bug), caught and counted.
-pub static CONNECTION_PANICS: AtomicU64 = AtomicU64::new(0);
-/// Bytes forwarded with splice(2), both directions, every listener.
-pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
-/// Connections handed by the worker that accepted them to a less busy one.
-pub static WORKER_HANDOFFS: AtomicU64 = AtomicU64::new(0);
-/// Splice pipes open now: carrying bytes or pooled.
-pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
-
-/// Upper bounds (seconds) of the duration buckets: 100µs to 1h.
-const BUCKETS: [f64; 16] = [
-    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
-    3600.0,
-];
-
-/// A histogram of durations: one atomic per bucket, no lock.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative), plus one for +Inf.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    /// Sum of observations in microseconds.
-    sum_us: AtomicU64,
-    /// Number of observations.
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// (sum in seconds, count, cumulative buckets) as Prometheus wants them.
-    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cumulative = 0;
-        let mut out = Vec::with_capacity(BUCKETS.len() + 1);
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            out.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
-        }
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        (sum, cumulative.max(self.count.load(Ordering::Relaxed)), out)
-    }
-
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-}
-
-/// Per-listener counters that are not per backend.
-#[derive(Debug, Default)]
-pub struct ListenerStats {
-    /// Time from accept to an established backend connection.
-    pub connect_duration: Histogram,
-    /// Time from accept to the end of the connection.
-    pub connection_duration: Histogram,
-    /// Synthesized HTTP responses: 502, 503, 504.
-    synthesized: [AtomicU64; 3],
-    /// Clients closed by an allow/deny rule.
-    pub denied: AtomicU64,
-}
-
-impl ListenerStats {
-    /// Counts a synthesized response.
-    pub fn record_synthesized(&self, status: Status) {
-        self.synthesized[status_index(status)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Synthesized responses with `status` so far.
-    pub fn synthesized(&self, status: Status) -> u64 {
-        self.synthesized[status_index(status)].load(Ordering::Relaxed)
-    }
-}
-
-fn status_index(s: Status) -> usize {
-    match s {
-        Status::BadGateway => 0,
-        Status::ServiceUnavailable => 1,
-        Status::GatewayTimeout => 2,
-    }
-}
+use crate::stats::{
+    Histogram, ACCEPT_ERRORS, CONNECTION_PANICS, SPLICED_BYTES, SPLICE_PIPES, SYNTHESIZED,
+    WORKER_HANDOFFS,
+};
+use crate::upstream::{ConnectFailure, Service};
 
 /// Where the collector finds the live listeners.
 pub trait Source: std::fmt::Debug + Send + Sync + 'static {
@@ -150,7 +62,7 @@ fn lb<'a>(listener: &'a str, backend: &'a str) -> Labels<'a> {
 
 /// Writes one metric family: `values` gives (labels, value) pairs.
 fn family<'a>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     kind: MetricType,
@@ -176,7 +88,7 @@ fn write_value(f: &mut MetricEncoder<'_>, kind: MetricType, v: u64) -> Result<()
 }
 
 impl<S: Source> Collector for LiveCollector<S> {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let services = self.source.services();
         // (listener name, backend address, backend) for every backend.
         let backends: Vec<(String, String, _)> = services
@@ -282,13 +194,13 @@ impl<S: Source> Collector for LiveCollector<S> {
             "HTTP responses tcplb wrote itself because no backend could be reached.",
             MetricType::Counter,
             services.iter().zip(&names).flat_map(|(s, n)| {
-                [Status::BadGateway, Status::ServiceUnavailable, Status::GatewayTimeout].map(|st| {
-                    let code: &'static str = match st {
-                        Status::BadGateway => "502",
-                        Status::ServiceUnavailable => "503",
-                        Status::GatewayTimeout => "504",
+                SYNTHESIZED.map(|code| {
+                    let label: &'static str = match code {
+                        502 => "502",
+                        503 => "503",
+                        _ => "504",
                     };
-                    (vec![("listener", n.as_str()), ("status", code)], s.stats.synthesized(st))
+                    (vec![("listener", n.as_str()), ("status", label)], s.stats.synthesized(code))
                 })
             }),
         )?;
@@ -353,24 +265,5 @@ impl<S: Source> Collector for LiveCollector<S> {
             std::iter::once((Vec::new(), SPLICE_PIPES.load(Ordering::Relaxed))),
         )?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(50));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(7200));
-        let (sum, count, buckets) = h.snapshot();
-        assert_eq!(count, 3);
-        assert!((sum - 7200.00305).abs() < 1e-6, "{sum}");
-        assert_eq!(buckets[0], (0.0001, 1));
-        assert_eq!(buckets.iter().find(|(b, _)| *b == 0.005).unwrap().1, 2);
-        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 3));
     }
 }

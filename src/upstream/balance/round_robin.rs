@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{rotate, scan_from, Strategy};
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// Longest precomputed period; larger weight sums are scaled down to fit.
 const MAX_PERIOD: u64 = 1 << 16;

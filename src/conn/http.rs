@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::duplex::{read_by, write_all};
+use crate::io::{read_by, write_all};
 
 /// Most bytes looked at to recognise a request line.
 pub const PEEK_LIMIT: usize = 4096;

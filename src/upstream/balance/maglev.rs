@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use super::{scan_from, Strategy};
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// Prime table sizes; the first at least 100 × backends is used.
 const SIZES: [u64; 3] = [65_537, 131_071, 524_287];
@@ -39,7 +39,8 @@ impl Maglev {
     }
 
     /// The table (for comparing two instances).
-    pub fn table(&self) -> &[u16] {
+    #[cfg(test)]
+    fn table(&self) -> &[u16] {
         &self.table
     }
 

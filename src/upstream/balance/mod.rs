@@ -1,5 +1,5 @@
 //! Selection strategies. A strategy only picks the first backend to try among
-//! the available ones (up, not draining, not full); [`crate::backend::Candidates`]
+//! the available ones (up, not draining, not full); [`crate::upstream::Candidates`]
 //! turns that into an ordered list of retries, so strategies never deal with
 //! retries or backup tiers. A strategy is built for one fixed backend list and
 //! rebuilt when the list changes; picking never takes a lock.
@@ -8,8 +8,8 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::backend::Backend;
 use crate::config::StrategyKind;
+use crate::upstream::backend::Backend;
 
 mod least_connections;
 mod maglev;
@@ -82,7 +82,7 @@ fn fast_random() -> u64 {
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::*;
-    use crate::backend::Settings;
+    use crate::upstream::backend::Settings;
 
     /// Backends on 127.0.0.1:1000+i with the given weights.
     pub fn weighted(weights: &[u32]) -> Vec<Arc<Backend>> {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use super::{lighter, rotate, Strategy};
-use crate::backend::Backend;
+use crate::upstream::backend::Backend;
 
 /// Picks the available backend with the fewest active connections per unit
 /// of weight. The scan starts at a rotating offset, so equal loads share new

@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::duplex::{forward, read_by, Step, Timeouts};
-use crate::http::{self, Sniff};
+use crate::config::Timeouts;
+use crate::conn::duplex::{forward, Step};
+use crate::conn::http::{self, Sniff};
+use crate::io::read_by;
 
 /// Most client bytes held for a replay.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -145,7 +147,7 @@ pub fn verdict(buf: &[u8]) -> Verdict {
 
 /// How the first exchange ended.
 #[derive(Debug)]
-pub enum First {
+pub enum FirstOutcome {
     /// The backend sent its first bytes; they were written to the client.
     Answered,
     /// The backend closed or reset before sending a byte, while the client
@@ -166,13 +168,13 @@ pub enum First {
     Shutdown,
 }
 
-impl First {
+impl FirstOutcome {
     /// The backend closed (`error`: reset) without answering.
-    fn closed(held: &Held, error: Option<io::Error>) -> First {
+    fn closed(held: &Held, error: Option<io::Error>) -> FirstOutcome {
         if held.client_done {
-            First::AfterClientEnd(error)
+            FirstOutcome::AfterClientEnd(error)
         } else {
-            First::ClosedEarly(error)
+            FirstOutcome::ClosedEarly(error)
         }
     }
 }
@@ -185,7 +187,7 @@ pub struct Exchange {
     /// Backend → client bytes.
     pub received: u64,
     /// How it ended.
-    pub result: First,
+    pub result: FirstOutcome,
 }
 
 /// Forwards client bytes to `backend` (holding them in `held`) until the
@@ -216,14 +218,14 @@ pub async fn first_exchange(
             // The backend first: its answer ends the phase.
             biased;
             step = forward(&mut br, &mut cw, &mut pending_down, |_| {}) => match step {
-                Step::Eof => break First::closed(held, None),
-                Step::ReadError(e) => break First::closed(held, Some(e)),
-                Step::WriteError(e) => break First::ClientError(e),
+                Step::Eof => break FirstOutcome::closed(held, None),
+                Step::ReadError(e) => break FirstOutcome::closed(held, Some(e)),
+                Step::WriteError(e) => break FirstOutcome::ClientError(e),
                 Step::Moved { read, .. } => {
                     if let Err(e) = cw.write_all(&pending_down).await {
-                        break First::ClientError(e);
+                        break FirstOutcome::ClientError(e);
                     }
-                    return Exchange { sent, received: read as u64, result: First::Answered };
+                    return Exchange { sent, received: read as u64, result: FirstOutcome::Answered };
                 }
             },
             step = forward(&mut cr, &mut bw, &mut pending_up, |data| held.record(data)), if !held.client_done => match step {
@@ -232,12 +234,12 @@ pub async fn first_exchange(
                     let _ = bw.shutdown().await;
                     deadline = limit(held).map(|d| Instant::now() + d);
                 }
-                Step::ReadError(e) => break First::ClientError(e),
-                Step::WriteError(e) => break First::BackendError(e),
+                Step::ReadError(e) => break FirstOutcome::ClientError(e),
+                Step::WriteError(e) => break FirstOutcome::BackendError(e),
                 Step::Moved { read, .. } => {
                     if !pending_up.is_empty() {
                         if let Err(e) = bw.write_all(&pending_up).await {
-                            break First::BackendError(e);
+                            break FirstOutcome::BackendError(e);
                         }
                         pending_up = Vec::new();
                     }
@@ -245,8 +247,8 @@ pub async fn first_exchange(
                     deadline = idle.map(|d| Instant::now() + d);
                 }
             },
-            _ = until(deadline) => break First::IdleTimeout,
-            _ = cancel.cancelled() => break First::Shutdown,
+            _ = until(deadline) => break FirstOutcome::IdleTimeout,
+            _ = cancel.cancelled() => break FirstOutcome::Shutdown,
         }
     };
     Exchange { sent, received: 0, result }

@@ -29,8 +29,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backend::Backend;
-use crate::server::Handle;
+use crate::control::handle::Handle;
+use crate::upstream::Backend;
 
 /// What the admin endpoint serves from.
 pub struct Admin {
@@ -82,7 +82,7 @@ impl Admin {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::encode(&self.registry),
+                crate::control::metrics::encode(&self.registry),
             ),
             (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".into()),
             (&Method::GET, "/readyz") => {

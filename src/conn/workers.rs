@@ -36,7 +36,7 @@ use crate::config::WorkerBalance;
 /// probes, admin) stays on the caller's runtime.
 pub struct Workers {
     /// What the accept loops share: handles, connection counts, policy.
-    pub share: Arc<Share>,
+    pub set: Arc<WorkerSet>,
     /// Cancelled (also on drop) to end the worker threads.
     stop: CancellationToken,
 }
@@ -63,11 +63,11 @@ impl Workers {
                 .name(format!("tcplb-worker-{i}"))
                 .spawn(move || rt.block_on(work_until(stop)))?;
         }
-        let share = Arc::new(Share {
+        let set = Arc::new(WorkerSet {
             slots: slots.into_boxed_slice(),
             fewest: AtomicBool::new(balance == WorkerBalance::Fewest),
         });
-        Ok(Workers { share, stop })
+        Ok(Workers { set, stop })
     }
 }
 
@@ -107,14 +107,14 @@ impl Slot {
 
 /// The workers as every accept loop sees them.
 #[derive(Debug)]
-pub struct Share {
+pub struct WorkerSet {
     /// One per worker, by index.
     slots: Box<[Arc<Slot>]>,
     /// Whether a busier worker hands new connections to the least busy one.
     fewest: AtomicBool,
 }
 
-impl Share {
+impl WorkerSet {
     /// How many workers there are (at least one).
     pub fn count(&self) -> usize {
         self.slots.len()
@@ -233,32 +233,32 @@ mod tests {
     fn a_few_connections_are_spread_evenly_whichever_worker_accepts_them() {
         let (w, _kill) = share(4, WorkerBalance::Fewest);
         // Every connection hashed to worker 2, the worst case for the kernel.
-        let seats: Vec<Seat> = (0..8).map(|_| w.share.place(2)).collect();
-        assert_eq!(w.share.active(), vec![2, 2, 2, 2]);
+        let seats: Vec<Seat> = (0..8).map(|_| w.set.place(2)).collect();
+        assert_eq!(w.set.active(), vec![2, 2, 2, 2]);
         drop(seats);
-        assert_eq!(w.share.active(), vec![0, 0, 0, 0]);
+        assert_eq!(w.set.active(), vec![0, 0, 0, 0]);
     }
 
     #[test]
     fn hash_keeps_every_connection_where_the_kernel_put_it() {
         let (w, _kill) = share(3, WorkerBalance::Hash);
-        let _seats: Vec<Seat> = (0..5).map(|_| w.share.place(1)).collect();
-        assert_eq!(w.share.active(), vec![0, 5, 0]);
-        w.share.set_balance(WorkerBalance::Fewest);
-        let moved = w.share.place(1);
+        let _seats: Vec<Seat> = (0..5).map(|_| w.set.place(1)).collect();
+        assert_eq!(w.set.active(), vec![0, 5, 0]);
+        w.set.set_balance(WorkerBalance::Fewest);
+        let moved = w.set.place(1);
         assert_eq!(moved.worker(), 2, "the first of the least busy, counting on from the acceptor");
     }
 
     #[test]
     fn large_counts_move_only_past_an_eighth() {
         let (w, _kill) = share(2, WorkerBalance::Hash);
-        let _a: Vec<Seat> = (0..72).map(|_| w.share.place(0)).collect();
-        let _b: Vec<Seat> = (0..64).map(|_| w.share.place(1)).collect();
-        w.share.set_balance(WorkerBalance::Fewest);
+        let _a: Vec<Seat> = (0..72).map(|_| w.set.place(0)).collect();
+        let _b: Vec<Seat> = (0..64).map(|_| w.set.place(1)).collect();
+        w.set.set_balance(WorkerBalance::Fewest);
         // 72 against 64 (64 + 64 / 8 = 72): stays, and makes it 73.
-        let _held = w.share.place(0);
+        let _held = w.set.place(0);
         assert_eq!(_held.worker(), 0);
         // 73 against 64: moves.
-        assert_eq!(w.share.place(0).worker(), 1);
+        assert_eq!(w.set.place(0).worker(), 1);
     }
 }

@@ -1,0 +1,221 @@
+//! Connecting to a backend: the candidates in turn, each with its own
+//! connect timeout and the PROXY header it wants, until one accepts. A
+//! failure counts against that backend's health; running out of local
+//! resources counts against nobody and stops at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use crate::config::Protocol;
+use crate::conn::http::Status;
+use crate::conn::proxy_protocol;
+use crate::io::{describe_io, is_resource_exhaustion, write_all};
+use crate::upstream::{ActiveGuard, Backend, Candidates, ConnectFailure, Service, Snapshot};
+
+/// Why a connect attempt failed.
+#[derive(Debug)]
+enum ConnectError {
+    /// This process is out of descriptors or buffers: not the backend's fault.
+    Local(io::Error),
+    /// No answer within the connect timeout.
+    Timeout,
+    /// The socket call failed (refused, unreachable, reset).
+    Io(io::Error),
+}
+
+impl ConnectError {
+    fn reason(&self) -> ConnectFailure {
+        match self {
+            ConnectError::Timeout => ConnectFailure::Timeout,
+            ConnectError::Local(_) => ConnectFailure::Other,
+            ConnectError::Io(e) => match e.kind() {
+                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ConnectFailure::Reset,
+                _ => ConnectFailure::Other,
+            },
+        }
+    }
+
+    fn describe(&self, timeout: Duration) -> String {
+        match self {
+            ConnectError::Timeout => {
+                format!("timeout after {}", humantime::format_duration(timeout))
+            }
+            ConnectError::Io(e) => describe_io(e),
+            ConnectError::Local(e) => format!("local resources exhausted: {e}"),
+        }
+    }
+}
+
+/// Who the connection is from and to, as far as backends should know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Endpoints {
+    /// The client: the peer address, or the source of its PROXY header.
+    pub client: SocketAddr,
+    /// What the client connected to.
+    pub destination: SocketAddr,
+}
+
+/// An established connection to a backend, holding one of its slots.
+pub(crate) struct BackendConn {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Holds the backend's connection slot until the connection ends.
+    _slot: ActiveGuard,
+}
+
+/// When the last local-exhaustion warning was logged (seconds since start).
+static LOCAL_EXHAUSTION_WARNED: AtomicU64 = AtomicU64::new(0);
+
+/// True at most once per second per `last`: for warnings a burst would repeat.
+fn rate_limit(last: &AtomicU64) -> bool {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+    let prev = last.load(Ordering::Relaxed);
+    now > prev && last.compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+}
+
+/// Tries the next candidates until one accepts (and takes its PROXY header);
+/// on failure returns the status an HTTP client should see.
+pub(crate) async fn connect(
+    svc: &Service,
+    snap: &Snapshot,
+    candidates: &mut Candidates<'_>,
+    ends: Endpoints,
+) -> Result<BackendConn, Status> {
+    let mut status = Status::ServiceUnavailable;
+    let timeout = snap.config.connect_timeout;
+    for backend in candidates {
+        // A backend that filled up since it was picked is skipped like a down one.
+        let Some(slot) = backend.try_claim() else { continue };
+        let result = match connect_one(backend.addr, timeout).await {
+            Ok(stream) => match backend.send_proxy() {
+                Some(v) => {
+                    let header = proxy_protocol::encode(v, ends.client, ends.destination);
+                    match write_all(&stream, &header).await {
+                        Ok(()) => Ok(stream),
+                        Err(e) => Err(ConnectError::Io(e)),
+                    }
+                }
+                None => Ok(stream),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(stream) => {
+                backend.record_connected();
+                // Resets a failure streak (only probes bring a down backend
+                // up). Outside `tcp` mode the first answer does, not the
+                // connect: a backend that accepts and hangs up is failing.
+                if snap.passive_health() && snap.config.protocol == Protocol::Tcp {
+                    backend.health.observe_success_streak_reset();
+                }
+                return Ok(BackendConn { backend: Arc::clone(backend), stream, _slot: slot });
+            }
+            Err(ConnectError::Local(e)) => {
+                // Every other backend would fail the same way; the backend is not to blame.
+                if rate_limit(&LOCAL_EXHAUSTION_WARNED) {
+                    warn!(listener = %svc.name, client = %ends.client, error = %e, "cannot open a backend connection: out of local resources");
+                }
+                return Err(Status::ServiceUnavailable);
+            }
+            Err(e) => {
+                let reason = e.describe(timeout);
+                warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, "backend connect failed");
+                backend.record_connect_failure(e.reason());
+                if snap.passive_health() {
+                    backend.record_passive_failure(&svc.name, &reason);
+                }
+                status = match e {
+                    ConnectError::Timeout => Status::GatewayTimeout,
+                    _ => Status::BadGateway,
+                };
+            }
+        }
+    }
+    Err(status)
+}
+
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| {
+        if is_resource_exhaustion(&e) {
+            ConnectError::Local(e)
+        } else {
+            ConnectError::Io(e)
+        }
+    })?;
+    socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    socket.set_keepalive(true).map_err(ConnectError::Io)?;
+    // A non-blocking connect returns EINPROGRESS while the handshake runs.
+    match socket.connect(&addr.into()) {
+        Err(e) if e.raw_os_error() != Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
+            return Err(ConnectError::Io(e))
+        }
+        _ => {}
+    }
+    let stream = TcpStream::from_std(socket.into()).map_err(ConnectError::Io)?;
+    match tokio::time::timeout(timeout, established(&stream)).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(ConnectError::Io(e)),
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// Waits until a non-blocking connect has finished. A handshake that failed
+/// (refused, reset, unreachable) raises EPOLLERR or EPOLLHUP, and only then
+/// is the socket's error read: writable without either means established,
+/// so a connection costs no `getsockopt(SO_ERROR)`, which tokio's own
+/// connect makes every time (HAProxy reads it only on an error event, too).
+async fn established(stream: &TcpStream) -> io::Result<()> {
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if !ready.is_write_closed() {
+        return Ok(());
+    }
+    Err(stream.take_error()?.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::ConnectionReset, "closed while connecting")
+    }))
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connect_ends_established_or_with_the_kernels_reason() {
+        for ip in ["127.0.0.1", "[::1]"] {
+            let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
+            let open = listener.local_addr().unwrap();
+            let mut stream = connect_one(open, Duration::from_secs(3)).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
+            assert_eq!(&got, b"ping", "{ip}: the established stream carries bytes");
+
+            drop((listener, server));
+            match connect_one(open, Duration::from_secs(3)).await {
+                Err(ConnectError::Io(e)) => {
+                    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{ip}: {e}")
+                }
+                Err(ConnectError::Timeout) => panic!("{ip}: a refused connect timed out"),
+                Err(ConnectError::Local(e)) => panic!("{ip}: a refused connect blamed on us: {e}"),
+                Ok(_) => panic!("{ip}: connected to a closed port"),
+            }
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! One client connection, from accept to its access-log event, in the order
+//! it travels: [admit](Connection::admit) (PROXY header, allow/deny),
+//! [connect](Connection::connect) (candidates and retry), the
+//! [first exchange](Connection::first_exchange) (and a replay when a backend
+//! hangs up before answering), [splice](Connection::splice), and
+//! [the access log](Connection::log). Each phase either hands the next one
+//! what it needs or ends the connection with an [`Ending`]; the bytes and
+//! the backend are tallied on the [`Connection`] itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Protocol, PROXY_HEADER_TIMEOUT};
+use crate::conn::connect::{connect, BackendConn, Endpoints};
+use crate::conn::http::{self, Sniff, Status};
+use crate::conn::replay::{self, FirstOutcome, Held};
+use crate::conn::{duplex, proxy_protocol};
+use crate::io::{describe_io, reset_on_close, write_all};
+use crate::upstream::{Candidates, Service, Snapshot};
+
+/// Serves one client connection to its end, then writes its access-log event.
+pub async fn serve(
+    svc: Arc<Service>,
+    client: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) {
+    let started = Instant::now();
+    let snap = svc.snapshot();
+    let destination =
+        if snap.needs_destination { client.local_addr().unwrap_or(peer) } else { peer };
+    let mut conn = Connection {
+        svc: &svc,
+        snap: &snap,
+        client,
+        ends: Endpoints { client: peer, destination },
+        cancel: &cancel,
+        started,
+        backend: None,
+        sent: 0,
+        received: 0,
+    };
+    let ending = conn.run().await;
+    conn.log(ending);
+}
+
+/// A client connection on its way through the proxy, and its tally so far.
+struct Connection<'a> {
+    /// The listener.
+    svc: &'a Arc<Service>,
+    /// The listener's settings and pool when the connection arrived; kept
+    /// to its end, so that a reload never changes a connection midway.
+    snap: &'a Snapshot,
+    /// The client's socket.
+    client: TcpStream,
+    /// Who it is from and to (after a PROXY header, as the header says).
+    ends: Endpoints,
+    /// Cancelled at the drain deadline.
+    cancel: &'a CancellationToken,
+    /// When it was accepted.
+    started: Instant,
+    /// The backend it is (or was last) connected to.
+    backend: Option<SocketAddr>,
+    /// Client → backend bytes.
+    sent: u64,
+    /// Backend → client bytes.
+    received: u64,
+}
+
+/// Why a connection ended, for the access log.
+struct Ending {
+    /// A short name (`client closed`, `denied`, `answered 503` ...).
+    end: &'static str,
+    /// The socket error, if any.
+    error: Option<io::Error>,
+}
+
+impl Ending {
+    fn new(end: &'static str) -> Self {
+        Ending { end, error: None }
+    }
+
+    fn with_error(end: &'static str, error: Option<io::Error>) -> Self {
+        Ending { end, error }
+    }
+}
+
+/// What the first exchange hands on to the splice.
+struct Answered {
+    /// The backend that answered (or that takes a non-HTTP stream on).
+    up: BackendConn,
+    /// The client's FIN was already passed on to it.
+    client_done: bool,
+}
+
+impl<'a> Connection<'a> {
+    /// Every phase in turn, until one ends the connection.
+    async fn run(&mut self) -> Ending {
+        if let Err(ending) = self.admit().await {
+            return ending;
+        }
+        let snap = self.snap;
+        let mut candidates = snap.pool.candidates(self.ends.client, snap.config.connect_attempts);
+        self.svc.note_panic(candidates.is_panic());
+        let up = match self.connect(&mut candidates).await {
+            Ok(up) => up,
+            Err(ending) => return ending,
+        };
+        let answered = if snap.config.protocol == Protocol::Tcp {
+            Answered { up, client_done: false }
+        } else {
+            match self.first_exchange(up, &mut candidates).await {
+                Ok(answered) => answered,
+                Err(ending) => return ending,
+            }
+        };
+        self.splice(answered).await
+    }
+
+    /// Reads the PROXY header when the listener expects one, then applies
+    /// allow/deny to the client it names.
+    async fn admit(&mut self) -> Result<(), Ending> {
+        let (svc, cfg) = (self.svc, &self.snap.config);
+        if cfg.accept_proxy {
+            let deadline = Instant::now() + PROXY_HEADER_TIMEOUT;
+            let header = tokio::select! {
+                h = proxy_protocol::read_header(&self.client, deadline) => h,
+                _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
+            };
+            match header {
+                Ok(h) => {
+                    self.ends.client = h.source.unwrap_or(self.ends.client);
+                    self.ends.destination = h.destination.unwrap_or(self.ends.destination);
+                }
+                Err(e) => {
+                    warn!(listener = %svc.name, client = %self.ends.client, error = %e, "closing connection: bad PROXY header");
+                    return Err(Ending::with_error("bad PROXY header", Some(e)));
+                }
+            }
+        }
+        if !cfg.admits(self.ends.client.ip()) {
+            svc.stats.denied.fetch_add(1, Ordering::Relaxed);
+            debug!(listener = %svc.name, client = %self.ends.client, "client denied by allow/deny rules");
+            return Err(Ending::new("denied"));
+        }
+        Ok(())
+    }
+
+    /// Connects to the first candidate that accepts; when none does, answers
+    /// an HTTP client with 502/503/504 and closes anything else.
+    async fn connect(&mut self, candidates: &mut Candidates<'_>) -> Result<BackendConn, Ending> {
+        let connected = tokio::select! {
+            r = connect(self.svc, self.snap, candidates, self.ends) => r,
+            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
+        };
+        match connected {
+            Ok(up) => {
+                self.svc.stats.connect_duration.observe(self.started.elapsed());
+                self.backend = Some(up.backend.addr);
+                Ok(up)
+            }
+            Err(status) => {
+                let answered = self.answer_failure(status).await;
+                Err(Ending::new(if answered { status.end() } else { "no backend" }))
+            }
+        }
+    }
+
+    /// `auto` and `http` mode: forwards the client's bytes until the backend
+    /// answers, holding them while they could still be replayed. A backend
+    /// that hangs up first gets the request replayed to the next candidate,
+    /// when it is a complete idempotent one.
+    async fn first_exchange(
+        &mut self,
+        mut up: BackendConn,
+        candidates: &mut Candidates<'_>,
+    ) -> Result<Answered, Ending> {
+        let timeouts = self.snap.config.timeouts();
+        let mut held = Held::new();
+        loop {
+            let exchange = replay::first_exchange(
+                &mut self.client,
+                &mut up.stream,
+                &mut held,
+                timeouts,
+                self.cancel,
+            )
+            .await;
+            let (bs, br) = up.backend.byte_counters();
+            bs.fetch_add(exchange.sent, Ordering::Relaxed);
+            br.fetch_add(exchange.received, Ordering::Relaxed);
+            self.sent += exchange.sent;
+            self.received += exchange.received;
+            match exchange.result {
+                FirstOutcome::Answered => {
+                    if self.snap.passive_health() {
+                        up.backend.health.observe_success_streak_reset();
+                    }
+                    return Ok(Answered { up, client_done: held.client_done });
+                }
+                FirstOutcome::ClosedEarly(error) => {
+                    match self.after_early_close(&up, &mut held, candidates, error).await? {
+                        AfterClose::SpliceOn => {
+                            return Ok(Answered { up, client_done: held.client_done })
+                        }
+                        AfterClose::Replayed(next) => {
+                            self.backend = Some(next.backend.addr);
+                            up = next;
+                        }
+                        // The replay could not be written: the old backend's
+                        // next exchange ends at once and the next candidate
+                        // is tried.
+                        AfterClose::Retry => {}
+                    }
+                }
+                FirstOutcome::AfterClientEnd(error) => {
+                    return Err(Ending::with_error("client closed", error))
+                }
+                FirstOutcome::BackendError(e) => {
+                    reset_on_close(&self.client);
+                    return Err(Ending::with_error("backend error", Some(e)));
+                }
+                FirstOutcome::ClientError(e) => {
+                    reset_on_close(&up.stream);
+                    return Err(Ending::with_error("client error", Some(e)));
+                }
+                FirstOutcome::IdleTimeout => return Err(Ending::new("idle timeout")),
+                FirstOutcome::Shutdown => return Err(Ending::new("shutdown")),
+            }
+        }
+    }
+
+    /// The backend `up` closed before answering: counts it against its
+    /// health, then replays the request to the next candidate, answers 502,
+    /// or (for bytes that are not HTTP) splices on so the close reaches the client.
+    async fn after_early_close(
+        &mut self,
+        up: &BackendConn,
+        held: &mut Held,
+        candidates: &mut Candidates<'_>,
+        error: Option<io::Error>,
+    ) -> Result<AfterClose, Ending> {
+        let (svc, snap) = (self.svc, self.snap);
+        let reason = error.as_ref().map_or_else(|| "closed before answering".into(), describe_io);
+        debug!(listener = %svc.name, client = %self.ends.client, backend = %up.backend.addr, %reason, "backend closed early");
+        if snap.passive_health() {
+            up.backend.record_passive_failure(&svc.name, &reason);
+        }
+        // The backend may have closed before the client said anything:
+        // read enough of the request to judge it.
+        let extra =
+            held.complete_from(&self.client, Instant::now() + snap.config.peek_timeout).await;
+        if !held.is_http() {
+            // Not ours to judge: forward what was read, splice on, and the
+            // end of stream propagates.
+            let _ = write_all(&up.stream, &extra).await;
+            if held.client_done {
+                let _ = socket2::SockRef::from(&up.stream).shutdown(std::net::Shutdown::Write);
+            }
+            return Ok(AfterClose::SpliceOn);
+        }
+        if !held.replayable() {
+            self.respond(Status::BadGateway).await;
+            return Err(Ending::with_error("502 after early close", error));
+        }
+        let next = tokio::select! {
+            r = connect(svc, snap, candidates, self.ends) => r,
+            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(status) => {
+                self.respond(status).await;
+                return Err(Ending::new(status.end()));
+            }
+        };
+        debug!(listener = %svc.name, client = %self.ends.client, backend = %next.backend.addr, bytes = held.bytes().len(), "replaying request");
+        if write_all(&next.stream, held.bytes()).await.is_err() {
+            return Ok(AfterClose::Retry);
+        }
+        if held.client_done {
+            let _ = socket2::SockRef::from(&next.stream).shutdown(std::net::Shutdown::Write);
+        }
+        Ok(AfterClose::Replayed(next))
+    }
+
+    /// Copies bytes both ways until both directions end.
+    async fn splice(&mut self, answered: Answered) -> Ending {
+        let Answered { mut up, client_done } = answered;
+        let cfg = &self.snap.config;
+        let outcome = duplex::splice(
+            &mut self.client,
+            &mut up.stream,
+            cfg.timeouts(),
+            self.cancel,
+            up.backend.byte_counters(),
+            client_done,
+            cfg.splice,
+        )
+        .await;
+        self.backend = Some(up.backend.addr);
+        self.sent += outcome.sent;
+        self.received += outcome.received;
+        Ending::with_error(outcome.end.as_str(), outcome.error)
+    }
+
+    /// No backend could be reached: answers an HTTP client, closes anything
+    /// else. Returns whether a response went out.
+    async fn answer_failure(&self, status: Status) -> bool {
+        let (svc, peer) = (self.svc, self.ends.client);
+        debug!(listener = %svc.name, client = %peer, status = status.code(), "no backend reachable");
+        let protocol = self.snap.config.protocol;
+        if protocol == Protocol::Tcp {
+            return false;
+        }
+        let deadline = Instant::now() + self.snap.config.peek_timeout;
+        let answer = async {
+            // In http mode the service is known to speak HTTP: only bytes that
+            // are certainly something else get a plain close.
+            let head = match http::sniff_client(&self.client, &[], deadline).await {
+                Sniff::Http { head } => head,
+                Sniff::NeedMore if protocol == Protocol::Http => false,
+                _ => return false,
+            };
+            svc.stats.record_synthesized(status.code());
+            if let Err(e) = http::respond(&self.client, status, head).await {
+                debug!(listener = %svc.name, client = %peer, error = %e, "could not send HTTP error");
+            }
+            true
+        };
+        tokio::select! {
+            answered = answer => answered,
+            _ = self.cancel.cancelled() => false,
+        }
+    }
+
+    /// Sends a synthesized response and counts it.
+    async fn respond(&self, status: Status) {
+        self.svc.stats.record_synthesized(status.code());
+        let _ = http::respond(&self.client, status, false).await;
+    }
+
+    /// Closes the client and writes the connection's one access-log event.
+    fn log(self, ending: Ending) {
+        let Connection { svc, snap, client, ends, started, backend, sent, received, .. } = self;
+        // Close before logging: the last direction to end leaves its FIN to close().
+        drop(client);
+        let duration = started.elapsed();
+        svc.stats.connection_duration.observe(duration);
+        let backend = OrDash(backend);
+        let error = ending.error.as_ref().map(tracing::field::display);
+        // One event, at info on the access-log target, or at debug when it is off.
+        macro_rules! connection_event {
+            ($level:ident, $($target:tt)*) => {
+                $level!(
+                    $($target)*
+                    listener = %svc.name,
+                    client = %ends.client,
+                    %backend,
+                    sent,
+                    received,
+                    duration_ms = duration.as_millis() as u64,
+                    end = ending.end,
+                    error,
+                    "connection"
+                )
+            };
+        }
+        if snap.config.access_log {
+            connection_event!(info, target: "tcplb::access",);
+        } else {
+            connection_event!(debug,);
+        }
+    }
+}
+
+/// What follows a backend's early close, when the connection goes on.
+enum AfterClose {
+    /// The bytes are not HTTP: splice on with the same backend.
+    SpliceOn,
+    /// The request went to this backend instead.
+    Replayed(BackendConn),
+    /// The replay could not be written: try again.
+    Retry,
+}
+
+/// An address, or `-` when there is none (formatted only if logged).
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// An idle connection costs its task's future plus two sockets: keep the
+    /// future small (stack arrays or doubled futures here cost every connection).
+    #[test]
+    fn connection_future_stays_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let cfg = crate::config::ListenerConfig::new("t", vec![], vec![]);
+            let pool = crate::upstream::Pool::new(vec![], crate::config::StrategyKind::RoundRobin);
+            let svc = std::sync::Arc::new(crate::upstream::Service::new(cfg, pool));
+            let f = super::serve(svc, c, addr, tokio_util::sync::CancellationToken::new());
+            let n = size(&f);
+            eprintln!("serve future: {n} bytes");
+            assert!(n <= 2 * 1024, "the per-connection future grew to {n} bytes");
+        });
+    }
+}

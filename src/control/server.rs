@@ -1,0 +1,343 @@
+//! Binding and running: the testable entry point and the control loop.
+//!
+//! [`Server::bind`] resolves every upstream and binds every listen address
+//! (port 0 works, and [`Server::local_addrs`] reads the real ports back).
+//! [`Server::run`] accepts until the shutdown future resolves, then drains.
+//! While it runs, one control loop is the only writer of listener state: a
+//! [`Handle::reload`] or a DNS refresh is prepared without touching anything
+//! (resolve, bind new sockets), then committed by swapping snapshots
+//! (`reload`, `dns`), so a failed reload leaves the old configuration
+//! running unchanged.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ListenerConfig};
+use crate::conn::listener::{self, AcceptContext};
+use crate::conn::workers::Workers;
+use crate::control::discovery::{self, Resolve, SystemResolver};
+use crate::control::handle::{Control, Handle, ServerView};
+use crate::control::reload::assemble;
+use crate::control::{admin, metrics, probe, Error};
+use crate::upstream::{Backend, Pool, Service};
+
+/// Bound sockets of one listener, keyed by their configured address: one
+/// SO_REUSEPORT socket per worker for each address.
+pub(super) type Sockets = Vec<(SocketAddr, Vec<std::net::TcpListener>)>;
+
+/// A bound, ready-to-run load balancer.
+pub struct Server {
+    /// The configuration it was built from.
+    config: Config,
+    /// Resolves upstream names, at bind time and on refresh.
+    resolver: Arc<dyn Resolve>,
+    /// Each listener's service and its bound sockets, keyed by configured address.
+    listeners: Vec<(Arc<Service>, Sockets)>,
+    /// Handle side of the control loop.
+    control_tx: mpsc::Sender<Control>,
+    /// Control loop side.
+    control_rx: mpsc::Receiver<Control>,
+    /// Shared view for handles.
+    view: Arc<ServerView>,
+    /// The admin endpoint's socket and bearer token, when enabled.
+    admin: Option<(TcpListener, Option<String>)>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addrs", &self.local_addrs()).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Resolves upstreams with the system resolver and binds every listen address.
+    pub async fn bind(config: Config) -> Result<Server, Error> {
+        Self::bind_with(config, Arc::new(SystemResolver)).await
+    }
+
+    /// Like [`Server::bind`] with a given resolver.
+    pub async fn bind_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<Server, Error> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for cfg in &config.listeners {
+            let (resolved, _) = discovery::resolve_all(&*resolver, &cfg.upstreams, &HashMap::new())
+                .await
+                .map_err(|f| Error::Resolve(f.to_string()))?;
+            let assembled = assemble(cfg, &resolved, &[]);
+            let mut sockets = Vec::with_capacity(cfg.listen.len());
+            for &addr in &cfg.listen {
+                sockets.push((addr, bind(addr, cfg, config.workers())?));
+            }
+            let pool = Pool::new(assembled.backends, cfg.strategy);
+            listeners.push((Arc::new(Service::new(cfg.clone(), pool)), sockets));
+        }
+        let admin = match &config.admin {
+            Some(a) => {
+                let token = match &a.token_file {
+                    Some(path) => Some(read_token(path)?),
+                    None => None,
+                };
+                let socket = listener::bind(a.listen, 128)
+                    .map_err(|source| Error::Bind { addr: a.listen, source })?;
+                Some((socket, token))
+            }
+            None => None,
+        };
+        let view = Arc::new(ServerView::default());
+        view.services.store(Arc::new(listeners.iter().map(|(s, _)| Arc::clone(s)).collect()));
+        let (control_tx, control_rx) = mpsc::channel(16);
+        Ok(Server { config, resolver, listeners, control_tx, control_rx, view, admin })
+    }
+
+    /// The bound addresses, in the order given (real ports when 0 was asked).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .flat_map(|(_, ls)| ls.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()))
+            .collect()
+    }
+
+    /// Every backend of every listener, as bound.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.listeners.iter().flat_map(|(s, _)| s.backends()).collect()
+    }
+
+    /// The admin endpoint's bound address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// A handle to reload and inspect the server while it runs.
+    pub fn handle(&self) -> Handle {
+        Handle { control: self.control_tx.clone(), view: Arc::clone(&self.view) }
+    }
+
+    /// Accepts until `shutdown` resolves, then closes the listeners, lets
+    /// connections finish for up to the drain timeout, closes the rest and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let handle = self.handle();
+        let kill = CancellationToken::new();
+        let workers = match Workers::start(self.config.workers(), self.config.worker_balance, &kill)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot start worker threads");
+                return;
+            }
+        };
+        let Server { config, resolver, listeners, control_tx, mut control_rx, view, admin } = self;
+        let mut running = Running {
+            resolver,
+            view,
+            control: control_tx,
+            limit: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
+            max_connections: config.max_connections.min(Semaphore::MAX_PERMITS),
+            drain_timeout: config.drain_timeout,
+            stop: CancellationToken::new(),
+            kill,
+            connections: TaskTracker::new(),
+            accepting: TaskTracker::new(),
+            listeners: Vec::new(),
+            workers,
+        };
+        let _ = running.view.workers.set(Arc::clone(&running.workers.set));
+        for (svc, sockets) in listeners {
+            let started = running.start_listener(svc, sockets);
+            running.listeners.push(started);
+        }
+        if let Some((socket, token)) = admin {
+            let addr =
+                socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+            info!(%addr, "admin endpoint listening");
+            let metrics = metrics::registry(Arc::clone(&running.view));
+            let admin = Arc::new(admin::Admin::new(handle, metrics, token, addr));
+            tokio::spawn(admin::serve(socket, admin, running.kill.clone()));
+        }
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(cmd) = control_rx.recv() => match cmd {
+                    Control::Reload(config, reply) => {
+                        let result = running.reload(*config).await;
+                        match &result {
+                            Ok(summary) => info!("{summary}"),
+                            Err(e) => warn!(error = %e, "reload failed: keeping the running configuration"),
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Control::Resolved { service, upstreams, resolved } => {
+                        running.apply_dns(&service, &upstreams, &resolved);
+                    }
+                },
+            }
+        }
+        running.drain().await;
+    }
+}
+
+/// Reads the admin bearer token (surrounding white space trimmed).
+fn read_token(path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!("cannot read admin token file {}: {e}", path.display()))
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::Config(format!("admin token file {} is empty", path.display())));
+    }
+    Ok(token)
+}
+
+/// Binds one listen address for `cfg`: one socket per worker.
+pub(super) fn bind(
+    addr: SocketAddr,
+    cfg: &ListenerConfig,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    listener::bind_group(addr, cfg.backlog, workers).map_err(|source| Error::Bind { addr, source })
+}
+
+/// The running state, owned by the control loop.
+pub(super) struct Running {
+    /// Resolves upstream names.
+    pub(super) resolver: Arc<dyn Resolve>,
+    /// What handles see.
+    pub(super) view: Arc<ServerView>,
+    /// For DNS tasks to report back.
+    pub(super) control: mpsc::Sender<Control>,
+    /// Global connection limit.
+    pub(super) limit: Arc<Semaphore>,
+    /// The limit's current size.
+    pub(super) max_connections: usize,
+    /// Current drain timeout.
+    pub(super) drain_timeout: Duration,
+    /// Cancelled when shutdown begins: every accept loop stops.
+    pub(super) stop: CancellationToken,
+    /// Cancelled at the drain deadline: connections and probes end.
+    pub(super) kill: CancellationToken,
+    /// Connection tasks.
+    pub(super) connections: TaskTracker,
+    /// Accept loops.
+    pub(super) accepting: TaskTracker,
+    /// Running listeners, in configuration order.
+    pub(super) listeners: Vec<RunningListener>,
+    /// The data-plane threads.
+    pub(super) workers: Workers,
+}
+
+/// One running listener.
+pub(super) struct RunningListener {
+    /// Its shared state.
+    pub(super) service: Arc<Service>,
+    /// Stops its accept loops and DNS task (child of the global stop).
+    pub(super) stop: CancellationToken,
+    /// Its sockets, each with its own stop token.
+    pub(super) sockets: Vec<BoundSocket>,
+}
+
+/// One running listen socket.
+pub(super) struct BoundSocket {
+    /// The address as configured (port 0 possible).
+    pub(super) configured: SocketAddr,
+    /// The address actually bound.
+    pub(super) local: SocketAddr,
+    /// Stops its accept loop, which closes it.
+    pub(super) stop: CancellationToken,
+}
+
+impl BoundSocket {
+    /// Whether a configured address `addr` names this socket.
+    pub(super) fn is(&self, addr: SocketAddr) -> bool {
+        self.configured == addr || self.local == addr
+    }
+}
+
+impl Running {
+    fn accept_context(&self, stop: CancellationToken, worker: usize) -> AcceptContext {
+        AcceptContext {
+            limit: Arc::clone(&self.limit),
+            tracker: self.connections.clone(),
+            stop,
+            workers: Arc::clone(&self.workers.set),
+            worker,
+        }
+    }
+
+    pub(super) fn start_listener(
+        &self,
+        service: Arc<Service>,
+        sockets: Sockets,
+    ) -> RunningListener {
+        let snap = service.snapshot();
+        info!(
+            listener = %service.name,
+            listen = ?sockets.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()).collect::<Vec<_>>(),
+            backends = ?snap.pool.backends().iter().map(|b| b.addr).collect::<Vec<_>>(),
+            strategy = snap.config.strategy.as_str(),
+            "tcplb listening"
+        );
+        let stop = self.stop.child_token();
+        let mut running =
+            RunningListener { service: Arc::clone(&service), stop, sockets: Vec::new() };
+        for b in snap.pool.backends() {
+            probe::spawn_probe(Arc::clone(&service), Arc::clone(b), self.kill.clone());
+        }
+        for (addr, socket) in sockets {
+            self.start_socket(&mut running, addr, socket);
+        }
+        self.spawn_dns(&running);
+        running
+    }
+
+    pub(super) fn start_socket(
+        &self,
+        running: &mut RunningListener,
+        addr: SocketAddr,
+        group: Vec<std::net::TcpListener>,
+    ) {
+        let token = running.stop.child_token();
+        let local = group.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
+        for (i, socket) in group.into_iter().enumerate() {
+            let worker = i % self.workers.set.count();
+            let ctx = self.accept_context(token.clone(), worker);
+            let accept = listener::accept_loop(socket, Arc::clone(&running.service), ctx);
+            self.workers.set.slot(worker).handle().spawn(self.accepting.track_future(accept));
+        }
+        running.sockets.push(BoundSocket { configured: addr, local, stop: token });
+        running.service.set_bound(running.sockets.iter().map(|b| b.local).collect());
+    }
+
+    /// Stops accepting, waits for connections up to the drain timeout, then
+    /// closes what remains.
+    async fn drain(self) {
+        self.view.draining.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+        // Listeners are closed once their loops return: new connects are refused.
+        self.accepting.close();
+        self.accepting.wait().await;
+        self.connections.close();
+        let open = self.connections.len();
+        if open > 0 {
+            info!(connections = open, drain_timeout = %humantime::format_duration(self.drain_timeout), "draining");
+        }
+        if tokio::time::timeout(self.drain_timeout, self.connections.wait()).await.is_err() {
+            warn!(
+                connections = self.connections.len(),
+                "drain timeout: closing remaining connections"
+            );
+        }
+        self.kill.cancel();
+        self.connections.wait().await;
+        info!("tcplb stopped");
+    }
+}
