@@ -7,13 +7,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    self, AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Overrides, Protocol,
-    ProxyVersion, SpliceMode, StrategyKind, Upstream, WorkerBalance,
+    self, AdminConfig, Config, HealthCheck, HealthConfig, HumanDuration, ListenerConfig, Overrides,
+    Protocol, ProxyVersion, SpliceMode, StrategyKind, Upstream, WorkerBalance,
 };
 
 const EXAMPLES: &str = "\
@@ -76,56 +75,56 @@ pub struct Cli {
     pub upstream: Vec<Upstream>,
 
     /// Limit on each connect to a backend.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "3s", value_parser = config::parse_duration)]
-    pub connect_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT))]
+    pub connect_timeout: HumanDuration,
 
     /// How many distinct backends one client connection may try before giving up.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "3", value_parser = config::parse_positive)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_CONNECT_ATTEMPTS, value_parser = config::parse_positive)]
     pub connect_attempts: usize,
 
     /// Close a connection with no bytes either way for this long (0 disables).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1h", value_parser = config::parse_duration)]
-    pub idle_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_IDLE_TIMEOUT))]
+    pub idle_timeout: HumanDuration,
 
     /// Close a half-closed connection (one side sent FIN) idle for this long (0: idle timeout only).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "60s", value_parser = config::parse_duration)]
-    pub half_close_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HALF_CLOSE_TIMEOUT))]
+    pub half_close_timeout: HumanDuration,
 
     /// After SIGTERM/SIGINT, how long established connections may run before they are closed.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DRAIN_TIMEOUT))]
+    pub drain_timeout: HumanDuration,
 
     /// Limit of concurrent client connections; at the limit new clients wait in the kernel backlog.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "10000", value_parser = config::parse_positive)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_parser = config::parse_positive)]
     pub max_connections: usize,
 
     /// What tcplb may say when no backend can be reached: auto answers HTTP
     /// clients with 502/503/504 and closes others; tcp never writes a byte.
-    #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_PROTOCOL)]
     pub protocol: Protocol,
 
     /// On the failure path, how long to wait for a silent client's first bytes.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
-    pub peek_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PEEK_TIMEOUT))]
+    pub peek_timeout: HumanDuration,
 
     /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
-    #[arg(long, conflicts_with = "config", value_name = "CHECK", default_value = "tcp")]
+    #[arg(long, conflicts_with = "config", value_name = "CHECK", default_value_t = config::DEFAULT_HEALTH_CHECK)]
     pub health_check: HealthCheck,
 
     /// Time between two probes of one backend.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
-    pub health_interval: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_INTERVAL))]
+    pub health_interval: HumanDuration,
 
     /// Limit on one probe.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "1s", value_parser = config::parse_duration)]
-    pub health_timeout: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_TIMEOUT))]
+    pub health_timeout: HumanDuration,
 
     /// Consecutive successful probes that bring a down backend up.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "2", value_parser = config::parse_threshold)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_RISE, value_parser = config::parse_threshold)]
     pub rise: u32,
 
     /// Consecutive failures (probes or real connects) that take an up backend down.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value = "3", value_parser = config::parse_threshold)]
+    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_FALL, value_parser = config::parse_threshold)]
     pub fall: u32,
 
     /// Health probes start with the backend's PROXY header (HAProxy's check-send-proxy).
@@ -133,7 +132,7 @@ pub struct Cli {
     pub health_send_proxy: bool,
 
     /// How backends are chosen.
-    #[arg(long, conflicts_with = "config", value_enum, default_value = "round-robin")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_STRATEGY)]
     pub strategy: StrategyKind,
 
     /// Send a PROXY protocol header (v1 or v2) to every backend before the
@@ -147,8 +146,8 @@ pub struct Cli {
     pub accept_proxy: bool,
 
     /// Re-resolve upstream host names this often (0 disables).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
-    pub dns_refresh: Duration,
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DNS_REFRESH))]
+    pub dns_refresh: HumanDuration,
 
     /// Forward with splice(2) through a 1 MiB pipe (zero copy): auto
     /// switches a direction to it when its first message waits whole and is
@@ -156,7 +155,7 @@ pub struct Cli {
     /// when 1 MiB moves in 64 reads or fewer (bulk), and back to copying
     /// after 64 reads that moved less (small messages); on from the first
     /// byte; off always copies through user space.
-    #[arg(long, conflicts_with = "config", value_enum, default_value = "auto")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_SPLICE)]
     pub splice: SpliceMode,
 
     /// Serve only clients in this network (CIDR or address). Repeatable.
@@ -178,7 +177,7 @@ pub struct Cli {
     pub admin_token_file: Option<PathBuf>,
 
     /// One access-log event per finished connection (info, target tcplb::access).
-    #[arg(long, conflicts_with = "config", value_enum, default_value = "on")]
+    #[arg(long, conflicts_with = "config", value_enum, default_value_t = Switch::from(config::DEFAULT_ACCESS_LOG))]
     pub access_log: Switch,
 
     /// Data-plane worker threads, each with its own SO_REUSEPORT socket per
@@ -191,7 +190,7 @@ pub struct Cli {
     pub worker_balance: Option<WorkerBalance>,
 
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
@@ -207,6 +206,16 @@ pub enum Switch {
     On,
     /// Disabled.
     Off,
+}
+
+impl From<bool> for Switch {
+    fn from(on: bool) -> Self {
+        if on {
+            Switch::On
+        } else {
+            Switch::Off
+        }
+    }
 }
 
 /// Subcommands that do not run the balancer.
@@ -250,27 +259,27 @@ impl Cli {
 
     /// Maps the flags onto a one-listener [`Config`].
     fn flags_config(self) -> Result<Config, String> {
-        if self.health_interval.is_zero() {
+        if self.health_interval.0.is_zero() {
             return Err("--health-interval must be more than 0".into());
         }
-        if self.health_timeout.is_zero() {
+        if self.health_timeout.0.is_zero() {
             return Err("--health-timeout must be more than 0".into());
         }
-        if self.connect_timeout.is_zero() {
+        if self.connect_timeout.0.is_zero() {
             return Err("--connect-timeout must be more than 0".into());
         }
         let mut listener = ListenerConfig::new("default", self.listen, self.upstream);
-        listener.connect_timeout = self.connect_timeout;
+        listener.connect_timeout = self.connect_timeout.0;
         listener.connect_attempts = self.connect_attempts;
-        listener.idle_timeout = (!self.idle_timeout.is_zero()).then_some(self.idle_timeout);
+        listener.idle_timeout = (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0);
         listener.half_close_timeout =
-            (!self.half_close_timeout.is_zero()).then_some(self.half_close_timeout);
+            (!self.half_close_timeout.0.is_zero()).then_some(self.half_close_timeout.0);
         listener.protocol = self.protocol;
-        listener.peek_timeout = self.peek_timeout;
+        listener.peek_timeout = self.peek_timeout.0;
         listener.health = HealthConfig {
             check: self.health_check,
-            interval: self.health_interval,
-            timeout: self.health_timeout,
+            interval: self.health_interval.0,
+            timeout: self.health_timeout.0,
             rise: self.rise,
             fall: self.fall,
             send_proxy: self.health_send_proxy,
@@ -278,13 +287,13 @@ impl Cli {
         listener.strategy = self.strategy;
         listener.send_proxy = self.send_proxy;
         listener.accept_proxy = self.accept_proxy;
-        listener.dns_refresh = (!self.dns_refresh.is_zero()).then_some(self.dns_refresh);
+        listener.dns_refresh = (!self.dns_refresh.0.is_zero()).then_some(self.dns_refresh.0);
         listener.access_log = self.access_log == Switch::On;
         listener.splice = self.splice;
         listener.allow = self.allow;
         listener.deny = self.deny;
         let mut config = Config::single(listener);
-        config.drain_timeout = self.drain_timeout;
+        config.drain_timeout = self.drain_timeout.0;
         config.max_connections = self.max_connections;
         config.admin =
             self.admin.map(|listen| AdminConfig { listen, token_file: self.admin_token_file });

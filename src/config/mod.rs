@@ -32,6 +32,24 @@ pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default interval between re-resolutions of upstream host names.
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+/// Default time between two probes of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default limit on one probe.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive good probes that bring a backend up.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failures that take a backend down.
+pub const DEFAULT_FALL: u32 = 3;
+/// Default active probe: a TCP connect.
+pub const DEFAULT_HEALTH_CHECK: HealthCheck = HealthCheck::Connect;
+/// Default protocol mode.
+pub const DEFAULT_PROTOCOL: Protocol = Protocol::Auto;
+/// Default selection strategy.
+pub const DEFAULT_STRATEGY: StrategyKind = StrategyKind::RoundRobin;
+/// Default splice(2) mode.
+pub const DEFAULT_SPLICE: SpliceMode = SpliceMode::Auto;
+/// Whether connections are access-logged by default.
+pub const DEFAULT_ACCESS_LOG: bool = true;
 /// Longest wait for a client's PROXY header.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -183,16 +201,16 @@ impl ListenerConfig {
             connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
-            protocol: Protocol::Auto,
+            protocol: DEFAULT_PROTOCOL,
             peek_timeout: DEFAULT_PEEK_TIMEOUT,
             health: HealthConfig::default(),
             backlog: DEFAULT_BACKLOG,
-            strategy: StrategyKind::RoundRobin,
+            strategy: DEFAULT_STRATEGY,
             send_proxy: None,
             accept_proxy: false,
             dns_refresh: Some(DEFAULT_DNS_REFRESH),
-            access_log: true,
-            splice: SpliceMode::Auto,
+            access_log: DEFAULT_ACCESS_LOG,
+            splice: DEFAULT_SPLICE,
             allow: Vec::new(),
             deny: Vec::new(),
         }
@@ -262,11 +280,11 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            check: HealthCheck::Connect,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
+            check: DEFAULT_HEALTH_CHECK,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
             send_proxy: false,
         }
     }
@@ -349,6 +367,37 @@ pub enum HealthCheck {
         /// Request target, starting with '/'.
         path: String,
     },
+}
+
+impl fmt::Display for HealthCheck {
+    /// As the user writes it: `none`, `tcp`, `http:/PATH`, `http://HOST/PATH`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthCheck::None => f.write_str("none"),
+            HealthCheck::Connect => f.write_str("tcp"),
+            HealthCheck::Http { host: Some(host), path } => write!(f, "http://{host}{path}"),
+            HealthCheck::Http { host: None, path } => write!(f, "http:{path}"),
+        }
+    }
+}
+
+/// A duration as the user writes it (`500ms`, `3s`, `1h30m`): read by
+/// [`parse_duration`], shown by humantime, so a default is written once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(HumanDuration)
+    }
 }
 
 impl FromStr for HealthCheck {
