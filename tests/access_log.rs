@@ -3,15 +3,13 @@
 
 mod common;
 
-use common::{spawn_logged, Proc};
+use common::{spawn_logged, wait_line, Proc, BIN};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
 /// Starts tcplb with JSON logs; returns it, its listen address and its log lines.
 fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::Value>) {
@@ -22,6 +20,10 @@ fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::
             .args(extra)
             .env_remove("RUST_LOG"),
     );
+    let start: serde_json::Value =
+        serde_json::from_str(&wait_line(&lines, "\"tcplb listening\"")).expect("a JSON line");
+    let listen =
+        start["listen"].as_str().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in lines {
@@ -29,15 +31,7 @@ fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::
             let _ = tx.send(v);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap();
-        if v["message"] == "tcplb listening" {
-            let listen =
-                v["listen"].as_str().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
-            return (child, listen, rx);
-        }
-    }
+    (child, listen, rx)
 }
 
 fn one_exchange(addr: &str) -> std::net::SocketAddr {

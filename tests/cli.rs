@@ -2,12 +2,10 @@
 
 mod common;
 
-use common::{spawn_logged, Proc};
+use common::{spawn_logged, wait_line, wait_listening, Proc, BIN};
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env_remove("RUST_LOG").output().expect("run tcplb")
@@ -176,16 +174,8 @@ fn spawn_listening_on(
             .args(extra)
             .env_remove("RUST_LOG"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("tcplb start line");
-        if let Some(rest) = line.split("listen=[").nth(1) {
-            let addr = rest.split(']').next().unwrap().to_string();
-            return (child, addr, rx);
-        }
-    }
+    let addr = wait_listening(&rx);
+    (child, addr, rx)
 }
 
 fn signal(child: &Proc, sig: &str) {
@@ -296,19 +286,6 @@ fn upgrade_in_place_a_second_instance_takes_over_the_port() {
     // The old instance drains whatever it held, then exits 0.
     assert_eq!(wait_exit(&mut old, Duration::from_secs(10)), Some(0));
     assert!(round_trip(&addr));
-}
-
-/// Waits for a log line containing `needle`; returns it.
-fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
 }
 
 /// A flag given next to --config holds across reloads: the file leaves

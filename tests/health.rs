@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,30 +83,11 @@ async fn killed_backend_leaves_rotation_and_returns_after_restart() {
     assert!(seen.contains(&b'B') && seen.contains(&b'A'), "{seen:?}");
 }
 
-/// An HTTP backend whose /healthz answers with a status the test controls,
-/// and that records the probe requests it saw.
-async fn http_backend(status: Arc<AtomicU16>, seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
-    let (addr, _) = serve(move |mut s| {
-        let status = Arc::clone(&status);
-        let seen = Arc::clone(&seen);
-        async move {
-            let Some(head) = read_head(&mut s).await else { return };
-            seen.lock().unwrap().push(head);
-            let code = status.load(Ordering::Relaxed);
-            let resp =
-                format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            let _ = s.write_all(resp.as_bytes()).await;
-        }
-    })
-    .await;
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_probe_marks_down_on_503_and_up_on_200() {
     let status = Arc::new(AtomicU16::new(200));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let addr = http_backend(Arc::clone(&status), Arc::clone(&seen)).await;
+    let addr = http_backend(Arc::clone(&status), Arc::clone(&seen), "").await;
     let mut l = listener(&[addr]);
     l.health = fast_health("http://svc.test/healthz".parse().unwrap());
     let lb = start_one(l).await;

@@ -4,6 +4,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU16;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,18 +15,9 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(5);
 
-/// An HTTP backend answering 200 once it has a request head.
+/// An HTTP backend answering 200 "ok".
 async fn http_ok() -> SocketAddr {
-    serve(|mut s| async move {
-        if read_head(&mut s).await.is_none() {
-            return;
-        }
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await;
-    })
-    .await
-    .0
+    http_backend(Arc::new(AtomicU16::new(200)), Default::default(), "ok").await
 }
 
 async fn get(addr: SocketAddr) -> (Duration, Vec<u8>) {

@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,18 +124,7 @@ async fn slammer(count: Arc<AtomicUsize>) -> SocketAddr {
 
 /// An HTTP backend answering "two"; records the request heads it saw.
 async fn answering(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
-    let (addr, _) = serve(move |mut s| {
-        let seen = Arc::clone(&seen);
-        async move {
-            let Some(head) = read_head(&mut s).await else { return };
-            seen.lock().unwrap().push(head);
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\ntwo")
-                .await;
-        }
-    })
-    .await;
-    addr
+    http_backend(Arc::new(AtomicU16::new(200)), seen, "two").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{spawn_logged, Proc};
+use common::{spawn_logged, wait_listening, Proc, BIN};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,8 +12,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
 /// Starts tcplb (through `sh -c` so a ulimit can be set) and returns it
 /// with its listen address once it listens.
@@ -26,13 +24,8 @@ fn start(
         "{prefix} exec {BIN} --listen 127.0.0.1:0 --upstream {upstream} --health-check none --access-log off {extra}"
     );
     let (child, rx) = spawn_logged(Command::new("sh").args(["-c", &cmd]).env_remove("RUST_LOG"));
-    loop {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("start line");
-        if let Some(rest) = line.split("listen=[").nth(1) {
-            let addr = rest.split(']').next().unwrap().parse().unwrap();
-            return (child, addr, rx);
-        }
-    }
+    let addr = wait_listening(&rx).parse().unwrap();
+    (child, addr, rx)
 }
 
 fn status_field(pid: u32, field: &str) -> u64 {

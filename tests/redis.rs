@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,20 +15,11 @@ fn have(bin: &str) -> bool {
     Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn start_redis() -> (Redis, SocketAddr) {
+fn start_redis() -> (Proc, SocketAddr) {
     let port = free_port();
     let child = Command::new("redis-server")
         .args([
@@ -50,7 +41,7 @@ fn start_redis() -> (Redis, SocketAddr) {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (Redis(child), addr)
+    (Proc(child), addr)
 }
 
 fn dbsize(addr: SocketAddr) -> u64 {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use tcplb::config::{Config, ListenerConfig};
 use tcplb::Resolve;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(5);
@@ -33,13 +33,6 @@ fn on(addr: SocketAddr, upstreams: &[SocketAddr]) -> ListenerConfig {
     listener_on(addr, upstreams)
 }
 
-async fn echo_once(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).await.unwrap();
-    let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(T, s.read_exact(&mut got)).await.expect("echo").unwrap();
-    assert_eq!(got, msg);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_and_removes_backends_while_a_long_connection_stays_up() {
     let (echo, _) = echo_backend().await;
@@ -50,7 +43,7 @@ async fn reload_adds_and_removes_backends_while_a_long_connection_stays_up() {
 
     // A long connection on the echo backend (round-robin starts there).
     let mut long = TcpStream::connect(addr).await.unwrap();
-    echo_once(&mut long, b"before").await;
+    echo_on(&mut long, b"before").await;
     let echo_backend = lb.backends[0].clone();
 
     // Replace echo and b by b and c, on the same address.
@@ -61,7 +54,7 @@ async fn reload_adds_and_removes_backends_while_a_long_connection_stays_up() {
     assert_eq!(seen.matches('C').count(), 3, "{seen}");
 
     // The removed backend's connection still works, and it is draining.
-    echo_once(&mut long, b"after").await;
+    echo_on(&mut long, b"after").await;
     assert!(echo_backend.is_draining());
     assert_eq!(echo_backend.active(), 1);
     drop(long);

@@ -31,20 +31,6 @@ async fn chat(s: &mut TcpStream, rounds: usize, size: usize, seed: u64) {
     tokio::time::timeout(T, work).await.expect("chat timed out");
 }
 
-/// Streams `data` both ways at once (the echo backend sends it back) and
-/// checks it.
-async fn bulk(s: &mut TcpStream, data: &[u8]) {
-    let (mut r, mut w) = s.split();
-    let mut back = vec![0u8; data.len()];
-    let (wrote, read) =
-        tokio::time::timeout(T, async { tokio::join!(w.write_all(data), r.read_exact(&mut back)) })
-            .await
-            .expect("bulk echo timed out");
-    wrote.expect("write");
-    read.expect("read back");
-    assert_eq!(digest(&back), digest(data));
-}
-
 /// Scrapes `admin` until its backend `backend` shows `moved` bytes each way
 /// in `tcplb_bytes_total`: the client may read the last bytes before tcplb
 /// has counted them.
@@ -66,18 +52,6 @@ async fn counted(admin: SocketAddr, backend: SocketAddr, moved: usize) -> Sample
     }
     assert!(done(&m), "{moved} bytes each way not counted in tcplb_bytes_total");
     m
-}
-
-/// Pipe descriptors this process holds.
-fn pipe_fds() -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
-        })
-        .count()
 }
 
 /// A keep-alive connection with small messages passes 1 MiB sooner or
@@ -105,7 +79,7 @@ async fn auto_splices_bulk_data_and_copies_small_messages() {
     assert_eq!(pipe_fds(), others);
 
     const BULK: usize = 8 << 20;
-    bulk(&mut s, &random_bytes(BULK, 7)).await;
+    echo_on(&mut s, &random_bytes(BULK, 7)).await;
     let after_bulk = spliced(&counted(admin, echo, ROUNDS * SMALL + BULK).await);
     assert!(after_bulk >= BULK as f64, "only {after_bulk} of 2 × {BULK} bulk bytes were spliced");
 

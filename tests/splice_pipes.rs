@@ -8,35 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use tcplb::config::{Protocol, SpliceMode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(10);
-
-/// Pipe descriptors this process holds.
-fn pipes_open() -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
-        })
-        .count()
-}
-
-/// Echoes `data` over an open connection and checks it comes back whole.
-async fn echo_on(s: &mut TcpStream, data: &[u8]) {
-    let (mut r, mut w) = s.split();
-    let mut back = vec![0u8; data.len()];
-    let (wrote, read) =
-        tokio::time::timeout(T, async { tokio::join!(w.write_all(data), r.read_exact(&mut back)) })
-            .await
-            .expect("echo timed out");
-    wrote.expect("write");
-    read.expect("read back");
-    assert_eq!(digest(&back), digest(data));
-}
 
 /// Keep-alive connections that once moved bulk data, then went quiet, must
 /// not each keep two 1 MiB pipes: those count against the per-user pipe
@@ -51,7 +25,7 @@ async fn quiet_spliced_connections_hold_no_pipes() {
     l.splice = SpliceMode::On;
     l.protocol = Protocol::Tcp;
     let lb = start_one(l).await;
-    let before = pipes_open();
+    let before = pipe_fds();
 
     let mut conns = Vec::new();
     for i in 0..CONNS {
@@ -61,11 +35,11 @@ async fn quiet_spliced_connections_hold_no_pipes() {
     }
     // All quiet: what is left is at most the pool (8 pipes, two descriptors
     // each), not two pipes per connection (128 descriptors).
-    let quiet = eventually(T, || pipes_open().saturating_sub(before) <= 16).await;
+    let quiet = eventually(T, || pipe_fds().saturating_sub(before) <= 16).await;
     assert!(
         quiet,
         "{} pipe descriptors held by {CONNS} quiet spliced connections",
-        pipes_open().saturating_sub(before)
+        pipe_fds().saturating_sub(before)
     );
 
     // Each quiet connection splices again, byte for byte, when bytes come.

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use tcplb::config::{Config, Protocol, WorkerBalance};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WORKERS: usize = 4;
@@ -29,19 +28,7 @@ async fn lb(balance: WorkerBalance) -> Lb {
 /// One echo round trip of `n` bytes: the connection is established and
 /// accepted (so its worker has counted it) when this returns.
 async fn round_trip(s: &mut TcpStream, n: usize, seed: u64) {
-    let data = random_bytes(n, seed);
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.expect("write to tcplb");
-    };
-    let mut back = vec![0u8; n];
-    let recv = async {
-        r.read_exact(&mut back).await.expect("read from tcplb");
-    };
-    tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(send, recv) })
-        .await
-        .expect("echo through tcplb timed out");
-    assert_eq!(digest(&back), digest(&data), "bytes lost or reordered");
+    echo_on(s, &random_bytes(n, seed)).await;
 }
 
 /// Opens twice as many connections as there are workers, one at a time as

@@ -345,3 +345,79 @@ pub fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
         panic!("no {name} {labels:?} in {:?}", m.keys().filter(|k| k.0 == name).collect::<Vec<_>>())
     })
 }
+
+/// The tcplb binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
+
+/// Waits up to 10 s for a line of `rx` that contains `needle`; returns it.
+pub fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// Waits for a spawned tcplb's start line (text logs) and returns the
+/// first address it listens on, as written there.
+pub fn wait_listening(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    let line = wait_line(rx, "listen=[");
+    let rest = line.split("listen=[").nth(1).unwrap_or_default();
+    rest.split([']', ',']).next().unwrap_or_default().to_string()
+}
+
+/// An HTTP backend: answers every request head with the status in
+/// `status` (read per request, so a test can change it) and `body`, and
+/// records each head it saw in `seen`.
+pub async fn http_backend(
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    body: &'static str,
+) -> SocketAddr {
+    let (addr, _) = serve(move |mut s| {
+        let status = std::sync::Arc::clone(&status);
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            let Some(head) = read_head(&mut s).await else { return };
+            seen.lock().unwrap().push(head);
+            let code = status.load(std::sync::atomic::Ordering::Relaxed);
+            let reason = if code == 200 { "OK" } else { "X" };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    addr
+}
+
+/// Writes `data` over `s` while reading as much back (an echo backend
+/// behind it), and checks it came back whole and in order; 20 s at most.
+pub async fn echo_on(s: &mut TcpStream, data: &[u8]) {
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; data.len()];
+    let both = async { tokio::join!(w.write_all(data), r.read_exact(&mut back)) };
+    let (wrote, read) =
+        tokio::time::timeout(Duration::from_secs(20), both).await.expect("echo timed out");
+    wrote.expect("write");
+    read.expect("read back");
+    assert_eq!(digest(&back), digest(data), "bytes lost or reordered");
+}
+
+/// Pipe descriptors this process holds.
+pub fn pipe_fds() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .count()
+}
