@@ -326,11 +326,9 @@ impl Traffic {
 /// scratch buffer: whether at least 64 KiB (more) are already waiting in the
 /// socket, so splicing them pays for a pipe. (A response a little over
 /// 64 KiB leaves a short tail after its first full read, which is cheaper to
-/// copy.) After full reads, with a new connection per request: 256 KiB
-/// responses 1.146× req/s at 0.885× CPU, 64 KiB 1.047×; keep-alive 64 KiB
-/// 0.996×. Before the first read: 64 KiB responses on new connections
-/// 1.042× req/s at 0.909× CPU, 256 KiB 1.060× at 0.829×, 19 B 0.992-1.006×
-/// at 1.008-1.012× (docs/benchmarks.md).
+/// copy.) It costs one ioctl, and pays off for responses of 64 KiB and up on
+/// new connections without slowing small ones (docs/benchmarks.md, "Profiles
+/// and what changed because of them").
 fn burst(from: &ReadHalf<'_>) -> bool {
     rustix::io::ioctl_fionread(from.as_ref()).is_ok_and(|queued| queued >= SCRATCH as u64)
 }

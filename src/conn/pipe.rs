@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 
 /// The capacity asked for each splice pipe: Linux's default `pipe-max-size`.
-/// Measured against the default 64 KiB pipe with one iperf3 stream, 1 MiB
-/// moved 18% more (fewer, larger splices); see docs/benchmarks.md.
+/// Larger pipes mean fewer, larger splices for a bulk stream
+/// (docs/benchmarks.md, "Profiles and what changed because of them").
 pub(crate) const PIPE_SIZE: usize = 1 << 20;
 
 /// A pipe for splice(2): both ends non-blocking.
@@ -23,9 +23,8 @@ pub(crate) struct Pipe {
 /// each worker always keeps ([`Pipe::recycle`]): an empty pooled pipe
 /// holds no data pages, yet its 1 MiB still counts against the per-user pipe
 /// quota (`pipe-user-pages-soft`, 64 MiB by default), which the live
-/// connections' pipes need more. With `splice = "on"` and a new connection
-/// per request: 1.019× req/s at 0.961× CPU per connection; 16 per worker
-/// without the cap read 1.03-1.07× at 0.89-0.93× (docs/benchmarks.md).
+/// connections' pipes need more. The pool pays off most with `splice =
+/// "on"` and a new connection per request (docs/benchmarks.md).
 const PIPE_POOL: usize = 8;
 
 /// Pipes in all the workers' pools.

@@ -15,11 +15,9 @@
 //! worker is chosen, so the hand-off costs only a wake-up of the other
 //! worker (tokio's eventfd), and only connections that move pay it. It
 //! balances connections, not bytes: an idle connection (iperf3's control
-//! connection, a quiet pool member) counts as much as a busy one. With 50
-//! concurrent short connections on 2 workers about 4 in 10 move (counts of
-//! a few each side differ by one all the time), and that still measured
-//! 1.05x the connections per second of the hash alone, at the same CPU per
-//! connection (docs/benchmarks.md).
+//! connection, a quiet pool member) counts as much as a busy one. Many
+//! short connections move often (small counts differ by one all the time),
+//! which costs nothing measurable (docs/benchmarks.md).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerBalance;
 
-/// The data-plane threads: one current-thread runtime each. Connections
-/// live on the worker that serves them; the control plane (reload, DNS,
+/// The data-plane threads: one current-thread runtime each. A connection
+/// lives on the worker that serves it (the one that accepted it, or the one
+/// it was handed to before its first byte); the control plane (reload, DNS,
 /// probes, admin) stays on the caller's runtime.
 pub struct Workers {
     /// What the accept loops share: handles, connection counts, policy.
