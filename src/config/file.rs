@@ -231,7 +231,7 @@ impl Validator<'_> {
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
         for l in &raw.listener {
-            let mut lc = defaults.clone();
+            let mut listener = defaults.clone();
             let r = l.get_ref();
             match &r.name {
                 Some(n) if n.get_ref().trim().is_empty() => {
@@ -241,35 +241,38 @@ impl Validator<'_> {
                     if names.insert(n.get_ref().clone(), ()).is_some() {
                         self.error(n.span(), format!("duplicate listener name '{}'", n.get_ref()));
                     }
-                    lc.name = n.get_ref().clone();
+                    listener.name = n.get_ref().clone();
                 }
                 None => self.error(l.span(), "listener has no 'name'"),
             }
             match &r.listen {
-                Some(v) => lc.listen = self.listen(v),
-                None => {
-                    self.error(l.span(), format!("listener '{}' has no 'listen' address", lc.name))
-                }
+                Some(v) => listener.listen = self.listen(v),
+                None => self.error(
+                    l.span(),
+                    format!("listener '{}' has no 'listen' address", listener.name),
+                ),
             }
-            for a in &lc.listen {
+            for a in &listener.listen {
                 if a.port() != 0 {
-                    if let Some(other) = addrs.insert(*a, lc.name.clone()) {
+                    if let Some(other) = addrs.insert(*a, listener.name.clone()) {
                         let span = r.listen.as_ref().map_or(l.span(), |v| v.span());
                         self.error(span, format!("address {a} is used by listener '{other}' too"));
                     }
                 }
             }
             match &r.upstreams {
-                Some(list) if list.get_ref().is_empty() => {
-                    self.error(list.span(), format!("listener '{}' has no upstreams", lc.name))
-                }
+                Some(list) if list.get_ref().is_empty() => self
+                    .error(list.span(), format!("listener '{}' has no upstreams", listener.name)),
                 Some(list) => {
-                    lc.upstreams = list.get_ref().iter().filter_map(|u| self.upstream(u)).collect()
+                    listener.upstreams =
+                        list.get_ref().iter().filter_map(|u| self.upstream(u)).collect()
                 }
-                None => self.error(l.span(), format!("listener '{}' has no 'upstreams'", lc.name)),
+                None => {
+                    self.error(l.span(), format!("listener '{}' has no 'upstreams'", listener.name))
+                }
             }
-            self.settings(r, &mut lc);
-            config.listeners.push(lc);
+            self.settings(r, &mut listener);
+            config.listeners.push(listener);
         }
         config
     }
@@ -371,67 +374,68 @@ impl Validator<'_> {
         }
     }
 
-    /// Applies the settings `r` holds onto `lc` (listener or defaults).
-    fn settings(&mut self, r: &RawListener, lc: &mut ListenerConfig) {
+    /// Applies the settings `r` holds onto `listener` (listener or defaults).
+    fn settings(&mut self, r: &RawListener, listener: &mut ListenerConfig) {
         if let Some(p) = &r.protocol {
             match p.get_ref().as_str() {
-                "auto" => lc.protocol = Protocol::Auto,
-                "tcp" => lc.protocol = Protocol::Tcp,
-                "http" => lc.protocol = Protocol::Http,
+                "auto" => listener.protocol = Protocol::Auto,
+                "tcp" => listener.protocol = Protocol::Tcp,
+                "http" => listener.protocol = Protocol::Http,
                 other => {
                     self.error(p.span(), format!("protocol '{other}' must be auto, tcp or http"))
                 }
             }
         }
         if let Some(s) = &r.strategy {
-            lc.strategy = self.choice::<StrategyKind>(s, "strategy").unwrap_or(lc.strategy);
+            listener.strategy =
+                self.choice::<StrategyKind>(s, "strategy").unwrap_or(listener.strategy);
         }
         if let Some(d) = &r.connect_timeout {
             if let Some(d) = self.positive_duration(d, "connect_timeout") {
-                lc.connect_timeout = d;
+                listener.connect_timeout = d;
             }
         }
         if let Some(n) = &r.connect_attempts {
             if let Some(n) = self.count(n, "connect_attempts", 1, 100) {
-                lc.connect_attempts = n as usize;
+                listener.connect_attempts = n as usize;
             }
         }
         if let Some(d) = &r.idle_timeout {
             if let Some(d) = self.optional_duration(d, "idle_timeout") {
-                lc.idle_timeout = d;
+                listener.idle_timeout = d;
             }
         }
         if let Some(d) = &r.half_close_timeout {
             if let Some(d) = self.optional_duration(d, "half_close_timeout") {
-                lc.half_close_timeout = d;
+                listener.half_close_timeout = d;
             }
         }
         if let Some(d) = &r.peek_timeout {
             if let Some(d) = self.duration(d, "peek_timeout") {
-                lc.peek_timeout = d;
+                listener.peek_timeout = d;
             }
         }
         if let Some(d) = &r.dns_refresh {
             if let Some(d) = self.optional_duration(d, "dns_refresh") {
-                lc.dns_refresh = d;
+                listener.dns_refresh = d;
             }
         }
         if let Some(v) = &r.send_proxy {
             match parse_proxy_version(v.get_ref()) {
-                Ok(v) => lc.send_proxy = Some(v),
+                Ok(v) => listener.send_proxy = Some(v),
                 Err(e) => self.error(v.span(), e),
             }
         }
         if let Some(a) = r.accept_proxy {
-            lc.accept_proxy = a;
+            listener.accept_proxy = a;
         }
         if let Some(a) = r.access_log {
-            lc.access_log = a;
+            listener.access_log = a;
         }
         if let Some(m) = &r.splice {
-            lc.splice = self.choice::<SpliceMode>(m, "splice").unwrap_or(lc.splice);
+            listener.splice = self.choice::<SpliceMode>(m, "splice").unwrap_or(listener.splice);
         }
-        for (list, out) in [(&r.allow, &mut lc.allow), (&r.deny, &mut lc.deny)] {
+        for (list, out) in [(&r.allow, &mut listener.allow), (&r.deny, &mut listener.deny)] {
             if let Some(list) = list {
                 out.clear();
                 for net in list {
@@ -444,39 +448,39 @@ impl Validator<'_> {
         }
         if let Some(n) = &r.backlog {
             if let Some(n) = self.count(n, "backlog", 1, 65535) {
-                lc.backlog = n as u32;
+                listener.backlog = n as u32;
             }
         }
         if let Some(h) = &r.health {
             let h = h.get_ref();
             if let Some(c) = &h.check {
                 match c.get_ref().parse::<HealthCheck>() {
-                    Ok(c) => lc.health.check = c,
+                    Ok(c) => listener.health.check = c,
                     Err(e) => self.error(c.span(), format!("health check: {e}")),
                 }
             }
             if let Some(d) = &h.interval {
                 if let Some(d) = self.positive_duration(d, "health interval") {
-                    lc.health.interval = d;
+                    listener.health.interval = d;
                 }
             }
             if let Some(d) = &h.timeout {
                 if let Some(d) = self.positive_duration(d, "health timeout") {
-                    lc.health.timeout = d;
+                    listener.health.timeout = d;
                 }
             }
             if let Some(n) = &h.rise {
                 if let Some(n) = self.count(n, "rise", 1, 1000) {
-                    lc.health.rise = n as u32;
+                    listener.health.rise = n as u32;
                 }
             }
             if let Some(n) = &h.fall {
                 if let Some(n) = self.count(n, "fall", 1, 1000) {
-                    lc.health.fall = n as u32;
+                    listener.health.fall = n as u32;
                 }
             }
             if let Some(b) = h.send_proxy {
-                lc.health.send_proxy = b;
+                listener.health.send_proxy = b;
             }
         }
     }

@@ -151,6 +151,30 @@ fn report_panic(listener: &str, peer: SocketAddr, panic: &(dyn std::any::Any + S
     error!(listener, client = %peer, panic = %what, "connection task panicked (a bug); connection closed");
 }
 
+/// Starts the task of a connection this worker accepted: here, or on the
+/// worker it is handed to.
+fn spawn_connection(
+    ctx: &AcceptContext,
+    svc: &Arc<Service>,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let seat = ctx.workers.place(ctx.worker);
+    if seat.worker() != ctx.worker {
+        return hand_off(&ctx.tracker, svc, stream, peer, permit, seat);
+    }
+    let Some(stream) = register(svc, stream, peer) else { return };
+    let kill = seat.slot().kill().clone();
+    // No async block around the task: it would store the connection's
+    // future twice.
+    let name = Arc::clone(&svc.name);
+    let task = AssertUnwindSafe(proxy::serve(Arc::clone(svc), stream, peer, kill))
+        .catch_unwind()
+        .map(release(name, peer, permit, seat));
+    ctx.tracker.spawn(task);
+}
+
 /// What an accept loop needs besides its socket.
 #[derive(Clone)]
 pub struct AcceptContext {
@@ -212,20 +236,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                     failures = 0;
                 }
                 debug!(listener = %svc.name, client = %peer, "accepted");
-                let seat = ctx.workers.place(ctx.worker);
-                if seat.worker() == ctx.worker {
-                    let Some(stream) = register(&svc, stream, peer) else { continue };
-                    let kill = seat.slot().kill().clone();
-                    // No async block around the task: it would store the
-                    // connection's future twice.
-                    let name = Arc::clone(&svc.name);
-                    let task = AssertUnwindSafe(proxy::serve(Arc::clone(&svc), stream, peer, kill))
-                        .catch_unwind()
-                        .map(release(name, peer, permit, seat));
-                    ctx.tracker.spawn(task);
-                } else {
-                    hand_off(&ctx.tracker, &svc, stream, peer, permit, seat);
-                }
+                spawn_connection(&ctx, &svc, stream, peer, permit);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 crate::stats::ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);

@@ -158,30 +158,7 @@ impl Running {
             b_removed += p.assembled.removed.len();
             match p.existing.and_then(|i| old[i].take()) {
                 Some(mut running) => {
-                    let snap = running.service.snapshot();
-                    let changed = snap.config != p.config
-                        || !p.assembled.added.is_empty()
-                        || !p.assembled.removed.is_empty();
-                    l_changed += changed as usize;
-                    let pool = Pool::new(p.assembled.backends, p.config.strategy);
-                    running.service.replace(Snapshot::new(p.config.clone(), pool));
-                    self.commit_backends(
-                        &running.service,
-                        &p.assembled.added,
-                        &p.assembled.removed,
-                    );
-                    // Close sockets whose address is gone; start the new ones.
-                    running.sockets.retain(|b| {
-                        let keep = p.config.listen.iter().any(|&a| b.is(a));
-                        if !keep {
-                            b.stop.cancel();
-                        }
-                        keep
-                    });
-                    running.service.set_bound(running.sockets.iter().map(|b| b.local).collect());
-                    for (addr, socket) in p.new_sockets {
-                        self.start_socket(&mut running, addr, socket);
-                    }
+                    l_changed += self.update_listener(&mut running, p) as usize;
                     kept.push(running);
                 }
                 None => {
@@ -211,6 +188,31 @@ impl Running {
         format!(
             "reload applied: listeners +{l_added} -{l_removed} ~{l_changed}, backends +{b_added} -{b_removed}"
         )
+    }
+
+    /// Commits a prepared listener that already runs: its new snapshot,
+    /// backends and sockets. Returns whether anything about it changed.
+    fn update_listener(&self, running: &mut RunningListener, p: Prepared) -> bool {
+        let snap = running.service.snapshot();
+        let changed = snap.config != p.config
+            || !p.assembled.added.is_empty()
+            || !p.assembled.removed.is_empty();
+        let pool = Pool::new(p.assembled.backends, p.config.strategy);
+        running.service.replace(Snapshot::new(p.config.clone(), pool));
+        self.commit_backends(&running.service, &p.assembled.added, &p.assembled.removed);
+        // Close sockets whose address is gone; start the new ones.
+        running.sockets.retain(|b| {
+            let keep = p.config.listen.iter().any(|&a| b.is(a));
+            if !keep {
+                b.stop.cancel();
+            }
+            keep
+        });
+        running.service.set_bound(running.sockets.iter().map(|b| b.local).collect());
+        for (addr, socket) in p.new_sockets {
+            self.start_socket(running, addr, socket);
+        }
+        changed
     }
 
     fn resize_limit(&mut self, new: usize) {

@@ -57,36 +57,36 @@ mod tests {
     #[test]
     fn follows_held_connections() {
         let b = weighted(&[1, 1, 1]);
-        let lc = LeastConnections::new();
+        let strategy = LeastConnections::new();
         let _g0 = b[0].try_claim();
         let _g1 = b[0].try_claim();
         let _g2 = b[1].try_claim();
-        assert_eq!(lc.pick(&b, client(0)), Some(2));
+        assert_eq!(strategy.pick(&b, client(0)), Some(2));
         let _g3 = b[2].try_claim();
         // b0 holds two, b1 and b2 one each: never b0.
         for _ in 0..6 {
-            assert_ne!(lc.pick(&b, client(0)), Some(0));
+            assert_ne!(strategy.pick(&b, client(0)), Some(0));
         }
         drop(_g0);
         drop(_g1);
         // Now b0 holds none.
-        assert_eq!(lc.pick(&b, client(0)), Some(0));
+        assert_eq!(strategy.pick(&b, client(0)), Some(0));
     }
 
     #[test]
     fn ties_rotate() {
         let b = weighted(&[1, 1, 1]);
-        let lc = LeastConnections::new();
-        let picks: Vec<usize> = (0..6).map(|_| lc.pick(&b, client(0)).unwrap()).collect();
+        let strategy = LeastConnections::new();
+        let picks: Vec<usize> = (0..6).map(|_| strategy.pick(&b, client(0)).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn weight_scales_the_load() {
         let b = weighted(&[3, 1]);
-        let lc = LeastConnections::new();
+        let strategy = LeastConnections::new();
         // b0 holds 2 with weight 3 (0.67/unit), b1 holds 1 with weight 1 (1/unit).
         let _a = (b[0].try_claim(), b[0].try_claim(), b[1].try_claim());
-        assert_eq!(lc.pick(&b, client(0)), Some(0));
+        assert_eq!(strategy.pick(&b, client(0)), Some(0));
     }
 }
