@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of tcplb, HAProxy (mode tcp, with and without
 # splice) and nginx stream, plus a direct connection (the physical limit).
+# tcplb runs twice: "tcplb" with every default, as users run it (protocol
+# auto, access log on at info, written to a file), and "tcplb-tuned" as a
+# benchmark would tune it (protocol tcp, access log off, log level warn).
 # Loopback only; bounded in time (about 8 minutes with the defaults); stops
 # everything it started, also on Ctrl-C. Prints a Markdown table.
 #
@@ -53,12 +56,12 @@ IDLE_CONNS=${IDLE_CONNS:-$(( MAXCONN < 10000 ? MAXCONN - 100 : 10000 ))}
 
 # Ports: backends 18081/18082, iperf3 18201, Redis 18202; proxies below.
 B1=18081; B2=18082; IPERF=18201; REDIS=18202
-declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104 [tcplb-b]=18105)
-declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114 [tcplb-b]=18115)
-declare -A REDIS_PORT=([direct]=$REDIS [haproxy]=18131 [haproxy-splice]=18132 [nginx]=18133 [tcplb]=18134 [tcplb-b]=18135)
-declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124 [tcplb-b]=18125)
+declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104 [tcplb-b]=18105 [tcplb-tuned]=18106)
+declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114 [tcplb-b]=18115 [tcplb-tuned]=18116)
+declare -A REDIS_PORT=([direct]=$REDIS [haproxy]=18131 [haproxy-splice]=18132 [nginx]=18133 [tcplb]=18134 [tcplb-b]=18135 [tcplb-tuned]=18136)
+declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124 [tcplb-b]=18125 [tcplb-tuned]=18126)
 SINK=18301
-PROXIES=(direct haproxy haproxy-splice nginx tcplb)
+PROXIES=(direct haproxy haproxy-splice nginx tcplb tcplb-tuned)
 [ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
 require_free_ports $B1 $B2 $IPERF $REDIS $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${REDIS_PORT[@]}" "${IDLE_PORT[@]}"
@@ -155,10 +158,10 @@ stream {
 CONF
 nginx -c "$WORK/nginx-lb.conf"
 
-tcplb_config() { # name -> its configuration file, on its ports
+tcplb_config() { # name [tuned] -> its configuration file, on its ports
     cat > "$WORK/$1.toml" <<CONF
 max_connections = $MAXCONN
-$(tcplb_defaults)
+$([ "${2:-}" = tuned ] && tcplb_defaults)
 [[listener]]
 name = "http"
 listen = "127.0.0.1:${HTTP_PORT[$1]}"
@@ -178,24 +181,39 @@ upstreams = ["127.0.0.1:$SINK"]
 CONF
     echo "$WORK/$1.toml"
 }
-setsid "$TCPLB" --config "$(tcplb_config tcplb)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_PID=$!
+# Defaults: no --log-level, and RUST_LOG unset, so info with an access-log
+# event per connection, going to a file as it would to journald.
+env -u RUST_LOG setsid "$TCPLB" --config "$(tcplb_config tcplb)" ${TCPLB_ARGS:-} 2>"$WORK/tcplb.log" & PIDS+=($!); TCPLB_PID=$!
+setsid "$TCPLB" --config "$(tcplb_config tcplb-tuned tuned)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_TUNED_PID=$!
 if [ -n "${TCPLB_B:-}" ]; then
-    setsid "$TCPLB_B" --config "$(tcplb_config tcplb-b)" --log-level warn ${TCPLB_ARGS:-} & PIDS+=($!); TCPLB_B_PID=$!
+    env -u RUST_LOG setsid "$TCPLB_B" --config "$(tcplb_config tcplb-b)" ${TCPLB_ARGS:-} 2>"$WORK/tcplb-b.log" & PIDS+=($!); TCPLB_B_PID=$!
 fi
 sleep 1
 
 # --- workloads
-iperf_run() { # port streams -> Gbit/s
-    iperf3 -c 127.0.0.1 -p "$1" -t "$IPERF_TIME" -P "$2" -J 2>/dev/null | python3 -c '
+# port streams direction pids... -> "Gbit/s proxy-CPU-ms-per-GB". Direction
+# "up": the client sends and the server stays silent (iperf3's default: an
+# upload, a bulk load, a backup stream); "down": the server sends (-R).
+iperf_run() {
+    local port=$1 streams=$2 dir=$3 c0=0 c1=0 out
+    shift 3
+    [ $# -gt 0 ] && c0=$(cpu_ticks "$@")
+    out=$(iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_TIME" -P "$streams" $([ "$dir" = down ] && echo -R) -J 2>/dev/null || true)
+    [ $# -gt 0 ] && c1=$(cpu_ticks "$@")
+    printf '%s' "$out" | python3 -c '
 import json, sys
 d = {}
+ticks, us = int(sys.argv[1]), int(sys.argv[2])
 try:
     d = json.load(sys.stdin)
-    print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))
-except (ValueError, KeyError):
+    s = d["end"]["sum_received"]
+    gb = s["bytes"] / 1e9
+    cpu = "%.1f" % (ticks * us / 1e3 / gb) if ticks else "nan"
+    print("%.2f %s" % (s["bits_per_second"] / 1e9, cpu))
+except (ValueError, KeyError, ZeroDivisionError):
     # A failed run (iperf3 puts its error in the JSON) counts as nothing.
     print("iperf3 failed: %s" % d.get("error", "no result"), file=sys.stderr)
-    print("nan")'
+    print("nan nan")' $((c1 - c0)) "$TICK_US"
 }
 
 # port pids... -> "SET-req/s GET-req/s proxy-CPU": redis-benchmark, 50
@@ -226,6 +244,7 @@ proxy_pids() { # proxy -> its processes (none for direct)
         haproxy | haproxy-splice) echo "$HAPROXY_PID" ;;
         nginx) nginx_pids ;;
         tcplb) echo "$TCPLB_PID" ;;
+        tcplb-tuned) echo "$TCPLB_TUNED_PID" ;;
         tcplb-b) echo "$TCPLB_B_PID" ;;
     esac
 }
@@ -245,6 +264,7 @@ RESULTS=$WORK/results.txt
 # workload starts, so the figures a ratio compares were taken seconds apart,
 # not a minute (this machine's speed drifts in phases of that length).
 declare -A KA P50 P99 CPU_KA MACH_KA CL CPU_CL MACH_CL I1 I8 KA64 CPU_KA64 RSET RGET CPU_REDIS
+declare -A CPU_I1 CPU_I8 D1 CPU_D1 D8 CPU_D8
 for round in $(seq 1 "$ROUNDS"); do
     round_order "$round" "${PROXIES[@]}"
     for p in "${ORDER[@]}"; do
@@ -253,8 +273,18 @@ for round in $(seq 1 "$ROUNDS"); do
     for p in "${ORDER[@]}"; do
         read -r CL[$p] _ _ CPU_CL[$p] MACH_CL[$p] < <(wrk_cpu "$p" "${HTTP_PORT[$p]}" "Connection: close")
     done
-    for p in "${ORDER[@]}"; do I1[$p]=$(iperf_run "${IPERF_PORT[$p]}" 1); done
-    for p in "${ORDER[@]}"; do I8[$p]=$(iperf_run "${IPERF_PORT[$p]}" 8); done
+    for p in "${ORDER[@]}"; do
+        read -r I1[$p] CPU_I1[$p] < <(iperf_run "${IPERF_PORT[$p]}" 1 up $(proxy_pids "$p"))
+    done
+    for p in "${ORDER[@]}"; do
+        read -r I8[$p] CPU_I8[$p] < <(iperf_run "${IPERF_PORT[$p]}" 8 up $(proxy_pids "$p"))
+    done
+    for p in "${ORDER[@]}"; do
+        read -r D1[$p] CPU_D1[$p] < <(iperf_run "${IPERF_PORT[$p]}" 1 down $(proxy_pids "$p"))
+    done
+    for p in "${ORDER[@]}"; do
+        read -r D8[$p] CPU_D8[$p] < <(iperf_run "${IPERF_PORT[$p]}" 8 down $(proxy_pids "$p"))
+    done
     # Responses of 64 KiB (the others are 19 bytes): what a web page or
     # a larger API answer costs, where the size of the proxy's buffers
     # shows (HAProxy's and nginx's are 16 KiB by default, tcplb's 64 KiB).
@@ -265,7 +295,7 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r RSET[$p] RGET[$p] CPU_REDIS[$p] < <(redis_run "${REDIS_PORT[$p]}" $(proxy_pids "$p"))
     done
     for p in "${ORDER[@]}"; do
-        echo "$round $p ${KA[$p]} ${CL[$p]} ${I1[$p]} ${I8[$p]} ${P50[$p]} ${P99[$p]} ${CPU_KA[$p]} ${CPU_CL[$p]} ${MACH_KA[$p]} ${MACH_CL[$p]} ${KA64[$p]} ${CPU_KA64[$p]} ${RSET[$p]} ${RGET[$p]} ${CPU_REDIS[$p]}" | tee -a "$RESULTS" >&2
+        echo "$round $p ${KA[$p]} ${CL[$p]} ${I1[$p]} ${I8[$p]} ${P50[$p]} ${P99[$p]} ${CPU_KA[$p]} ${CPU_CL[$p]} ${MACH_KA[$p]} ${MACH_CL[$p]} ${KA64[$p]} ${CPU_KA64[$p]} ${RSET[$p]} ${RGET[$p]} ${CPU_REDIS[$p]} ${CPU_I1[$p]} ${CPU_I8[$p]} ${D1[$p]} ${CPU_D1[$p]} ${D8[$p]} ${CPU_D8[$p]}" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -309,19 +339,23 @@ fi
 python3 - "$RESULTS" "$MEM" "$IDLE_CONNS" <<'PY'
 import math, sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-proxies = ["direct", "haproxy", "haproxy-splice", "nginx", "tcplb"]
+proxies = ["direct", "haproxy", "haproxy-splice", "nginx", "tcplb", "tcplb-tuned"]
 ab = "tcplb-b" in {r[1] for r in rows}  # a second build (TCPLB_B), for A/B
 if ab:
     proxies.append("tcplb-b")
-metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3), ("iperf3 1 stream Gbit/s", 4),
-           ("iperf3 8 streams Gbit/s", 5), ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
+metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3),
+           ("iperf3 upload 1 stream Gbit/s", 4), ("proxy CPU ms/GB (upload 1 stream)", 17),
+           ("iperf3 upload 8 streams Gbit/s", 5), ("proxy CPU ms/GB (upload 8 streams)", 18),
+           ("iperf3 download 1 stream Gbit/s", 19), ("proxy CPU ms/GB (download 1 stream)", 20),
+           ("iperf3 download 8 streams Gbit/s", 21), ("proxy CPU ms/GB (download 8 streams)", 22),
+           ("p50 ms (keep-alive)", 6), ("p99 ms (keep-alive)", 7),
            ("proxy CPU µs/req (keep-alive)", 8), ("proxy CPU µs/req (conn-close)", 9),
            ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11),
            ("keep-alive req/s, 64 KiB responses", 12), ("proxy CPU µs/req (keep-alive, 64 KiB)", 13),
            ("Redis SET req/s (1 KiB values)", 14), ("Redis GET req/s (1 KiB values)", 15),
            ("proxy CPU µs/req (Redis)", 16)]
 def lower_better(name):  # latency and CPU
-    return name.startswith("p") or "CPU" in name
+    return name.startswith("p50") or name.startswith("p99") or "CPU" in name
 rounds = sorted({r[0] for r in rows})
 def val(rnd, p, i):
     for r in rows:
@@ -352,18 +386,20 @@ def cell(v):
     return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 peers = ["haproxy", "haproxy-splice", "nginx"]
 print(f"Medians of {len(rounds)} rounds (proxies interleaved in each round).\n")
-print("| metric | " + " | ".join(proxies) + " | tcplb / direct | tcplb / best peer |")
-print("|---|" + "---|" * (len(proxies) + 2))
+print("tcplb runs with its defaults; tcplb-tuned with protocol tcp, no access log, log level warn.\n")
+print("| metric | " + " | ".join(proxies) + " | tcplb / direct | tcplb / best peer | defaults / tuned |")
+print("|---|" + "---|" * (len(proxies) + 3))
 for name, i in metrics:
     lower = lower_better(name)
     cells = [cell(med[(p, i)]) for p in proxies]
     d = ratio("tcplb", ["direct"], i, lower)
     b = ratio("tcplb", peers, i, lower)
+    t = ratio("tcplb", ["tcplb-tuned"], i, lower)
     x = lambda r: "-" if r is None else f"{r:.2f}x"
-    print(f"| {name} | " + " | ".join(cells) + f" | {x(d)} | {x(b)} |")
+    print(f"| {name} | " + " | ".join(cells) + f" | {x(d)} | {x(b)} | {x(t)} |")
 # The best of three noisy peers is biased upwards (a maximum of samples), so
 # also compare with each peer on its own: an equal proxy scores 1.0 here.
-others = peers + (["tcplb-b"] if ab else [])
+others = peers + ["tcplb-tuned"] + (["tcplb-b"] if ab else [])
 # The spread of the per-round ratios shows how far one run can be trusted:
 # a median of 0.95x whose rounds range from 0.85 to 1.10 is not a loss.
 print("\ntcplb / each peer: median of per-round ratios (lowest-highest round):\n")

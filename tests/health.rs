@@ -162,6 +162,33 @@ async fn clients_that_hang_up_first_are_not_backend_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_hangs_up_on_a_non_http_client_is_down() {
+    // A Redis client speaks first and waits; the backend closes on it. The
+    // bytes are not HTTP, so nothing is held for a replay and the byte pump
+    // takes over at once: the hang-up must still count against the backend.
+    let (slam, _) = serve(|mut s| async move {
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+    })
+    .await;
+    let mut l = listener(&[slam]);
+    l.health = passive_only(2);
+    let lb = start_one(l).await;
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        c.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("tcplb closes once the backend has")
+            .unwrap();
+        assert!(rest.is_empty(), "nothing is made up for the client: {rest:?}");
+    }
+    let down = eventually(Duration::from_secs(5), || !lb.backends[0].health.is_up()).await;
+    assert!(down, "a backend that hangs up on its clients is down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_mode_reaches_a_backend_the_probe_calls_down() {
     // The probe expects HTTP; this backend is not HTTP, so the probe fails,
     // but it serves its real clients fine.

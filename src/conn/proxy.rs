@@ -19,9 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Protocol, PROXY_HEADER_TIMEOUT};
 use crate::conn::connect::{connect, BackendConn, Endpoints};
+use crate::conn::duplex::{self, End};
 use crate::conn::http::{self, Sniff, Status};
+use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
-use crate::conn::{duplex, proxy_protocol};
 use crate::io::{describe_io, reset_on_close, write_all};
 use crate::upstream::{Candidates, Service, Snapshot};
 
@@ -93,11 +94,15 @@ impl Ending {
 }
 
 /// What the first exchange hands on to the splice.
-struct Answered {
-    /// The backend that answered (or that takes a non-HTTP stream on).
+struct Established {
+    /// The backend the bytes go to.
     up: BackendConn,
     /// The client's FIN was already passed on to it.
     client_done: bool,
+    /// The backend has not answered yet, and its hanging up before it does
+    /// counts against its health (the first exchange ended early because
+    /// the client's bytes could not be replayed anyway).
+    awaiting_answer: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -113,15 +118,15 @@ impl<'a> Connection<'a> {
             Ok(up) => up,
             Err(ending) => return ending,
         };
-        let answered = if snap.config.protocol == Protocol::Tcp {
-            Answered { up, client_done: false }
+        let established = if snap.config.protocol == Protocol::Tcp {
+            Established { up, client_done: false, awaiting_answer: false }
         } else {
             match self.first_exchange(up, &mut candidates).await {
-                Ok(answered) => answered,
+                Ok(established) => established,
                 Err(ending) => return ending,
             }
         };
-        self.splice(answered).await
+        self.splice(established).await
     }
 
     /// Reads the PROXY header when the listener expects one, then applies
@@ -181,7 +186,7 @@ impl<'a> Connection<'a> {
         &mut self,
         mut up: BackendConn,
         candidates: &mut Candidates<'_>,
-    ) -> Result<Answered, Ending> {
+    ) -> Result<Established, Ending> {
         let timeouts = self.snap.config.timeouts();
         let mut held = Held::new();
         loop {
@@ -203,12 +208,27 @@ impl<'a> Connection<'a> {
                     if self.snap.passive_health() {
                         up.backend.health.observe_success_streak_reset();
                     }
-                    return Ok(Answered { up, client_done: held.client_done });
+                    return Ok(Established {
+                        up,
+                        client_done: held.client_done,
+                        awaiting_answer: false,
+                    });
+                }
+                FirstOutcome::NoReplay => {
+                    return Ok(Established {
+                        up,
+                        client_done: held.client_done,
+                        awaiting_answer: true,
+                    })
                 }
                 FirstOutcome::ClosedEarly(error) => {
                     match self.after_early_close(&up, &mut held, candidates, error).await? {
                         AfterClose::SpliceOn => {
-                            return Ok(Answered { up, client_done: held.client_done })
+                            return Ok(Established {
+                                up,
+                                client_done: held.client_done,
+                                awaiting_answer: false,
+                            })
                         }
                         AfterClose::Replayed(next) => {
                             self.backend = Some(next.backend.addr);
@@ -292,8 +312,8 @@ impl<'a> Connection<'a> {
     }
 
     /// Copies bytes both ways until both directions end.
-    async fn splice(&mut self, answered: Answered) -> Ending {
-        let Answered { mut up, client_done } = answered;
+    async fn splice(&mut self, established: Established) -> Ending {
+        let Established { mut up, client_done, awaiting_answer } = established;
         let cfg = &self.snap.config;
         let outcome = duplex::splice(
             &mut self.client,
@@ -308,6 +328,16 @@ impl<'a> Connection<'a> {
         self.backend = Some(up.backend.addr);
         self.sent += outcome.sent;
         self.received += outcome.received;
+        // Hung up (or reset) while the client was still sending, without a
+        // byte back: what the first exchange calls closing early.
+        let hung_up = matches!(outcome.end, End::BackendClosed | End::BackendError);
+        if awaiting_answer && hung_up && self.received == 0 && self.snap.passive_health() {
+            let reason = outcome
+                .error
+                .as_ref()
+                .map_or_else(|| "closed before answering".into(), describe_io);
+            up.backend.record_passive_failure(&self.svc.name, &reason);
+        }
         Ending::with_error(outcome.end.as_str(), outcome.error)
     }
 

@@ -7,6 +7,10 @@
 //! its whole body), the proxy may replay them to another backend. As soon as
 //! one byte comes back, the exchange is over and nothing is ever replayed.
 //! Server-speaks-first protocols see no delay: the greeting ends the phase.
+//! So does a client whose bytes can no longer be replayed (not HTTP, or more
+//! than 64 KiB): holding them is then useless, and the byte pump, which may
+//! splice, takes over at once. An upload whose server answers only at the
+//! end never waits in this phase.
 
 use std::io;
 
@@ -51,6 +55,12 @@ impl Held {
     /// Whether the client's first bytes are an HTTP request line.
     pub fn is_http(&self) -> bool {
         self.http
+    }
+
+    /// Whether the bytes so far could still be replayed: they look like
+    /// HTTP (or might) and fit in [`REPLAY_LIMIT`].
+    pub fn may_replay(&self) -> bool {
+        self.tracking
     }
 
     fn record(&mut self, chunk: &[u8]) {
@@ -162,6 +172,10 @@ pub enum FirstOutcome {
     ClientError(io::Error),
     /// Writing to the backend failed.
     BackendError(io::Error),
+    /// The client's bytes can no longer be replayed (not HTTP, or past
+    /// [`REPLAY_LIMIT`]); all of them were passed on, and the backend has
+    /// not answered yet.
+    NoReplay,
     /// Nothing moved for the idle timeout.
     IdleTimeout,
     /// The drain deadline passed.
@@ -244,6 +258,9 @@ pub async fn first_exchange(
                         pending_up = Vec::new();
                     }
                     sent += read as u64;
+                    if !held.may_replay() {
+                        return Exchange { sent, received: 0, result: FirstOutcome::NoReplay };
+                    }
                     deadline = idle.map(|d| Instant::now() + d);
                 }
             },
