@@ -33,7 +33,8 @@
 //!   State only, no tasks and no sockets.
 //! - leaves: [`config`] (validated configuration, every default), `io`
 //!   (socket helpers), `stats` (counters and histograms), `sys` (the one
-//!   `unsafe` call). [`cli`] sits beside the binary and reads only `config`.
+//!   `unsafe` call). [`cli`] and [`logging`] sit beside the binary: `cli`
+//!   reads only `config`, `logging` only `stats`.
 // Bad input and network errors are returned, never unwrapped (tests may).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -42,6 +43,7 @@ pub mod config;
 pub(crate) mod conn;
 pub(crate) mod control;
 pub(crate) mod io;
+pub mod logging;
 pub(crate) mod stats;
 mod sys;
 pub(crate) mod upstream;

@@ -1,7 +1,6 @@
 //! The `tcplb` binary: parse the command line, set up logging, run.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -51,7 +50,8 @@ fn main() -> ExitCode {
         println!("{what}: OK ({} listener(s))", config.listeners.len());
         return ExitCode::SUCCESS;
     }
-    init_tracing(filter, format);
+    // Kept to the end of main: dropping it flushes the queued log lines.
+    let _log = tcplb::logging::init(filter, format == LogFormat::Json);
 
     // The control plane (reload, DNS, probes, admin) runs here; connections
     // run on the server's own worker threads.
@@ -119,16 +119,5 @@ fn log_filter(flag: Option<&str>) -> anyhow::Result<EnvFilter> {
             }
             _ => Ok(EnvFilter::new("info")),
         },
-    }
-}
-
-fn init_tracing(filter: EnvFilter, format: LogFormat) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }

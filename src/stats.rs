@@ -18,6 +18,51 @@ pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static WORKER_HANDOFFS: AtomicU64 = AtomicU64::new(0);
 /// Splice pipes open now: carrying bytes or pooled.
 pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
+/// Log lines dropped because the log writer's buffer was full (its reader
+/// stalled); copied from the writer's own counter about once a second.
+pub static LOG_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Lets a warning that a flood could repeat per connection through at most
+/// once a second, and counts the ones it holds back, so the next line can
+/// say how many there were.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// The second (since the process's first throttled warning, plus one)
+    /// of the last warning let through; 0 before any.
+    last: AtomicU64,
+    /// Warnings held back since the last one let through.
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    /// A throttle that lets the first warning through.
+    pub const fn new() -> Self {
+        Throttle { last: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+    }
+
+    /// `Some(n)` when a warning may be logged now, `n` being how many were
+    /// held back since the last one; `None` to stay quiet (it is counted).
+    pub fn allow(&self) -> Option<u64> {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let second = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+        self.allow_at(second)
+    }
+
+    fn allow_at(&self, second: u64) -> Option<u64> {
+        let prev = self.last.load(Ordering::Relaxed);
+        if second > prev
+            && self
+                .last
+                .compare_exchange(prev, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the duration buckets: 100µs to 1h.
 const BUCKETS: [f64; 16] = [
@@ -100,6 +145,18 @@ impl ListenerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_warning_a_second_through_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.allow_at(1), Some(0));
+        assert_eq!(t.allow_at(1), None);
+        assert_eq!(t.allow_at(1), None);
+        assert_eq!(t.allow_at(2), Some(2), "the next line says two were held back");
+        assert_eq!(t.allow_at(2), None);
+        assert_eq!(t.allow_at(5), Some(1));
+        assert_eq!(t.allow_at(9), Some(0));
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

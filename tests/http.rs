@@ -214,3 +214,38 @@ async fn trickling_and_oversized_heads_cost_a_bounded_wait() {
     let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await.expect("closed");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_reaches_a_non_http_client_as_a_reset() {
+    let reset = |s: &TcpStream| {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    };
+    // Resets before its client says anything (a server-first protocol),
+    // once tcplb's connect is surely established...
+    let (early, _) = serve(move |s| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reset(&s);
+    })
+    .await;
+    // ... or once it has read the client's first bytes (Redis, say).
+    let (late, _) = serve(move |mut s| async move {
+        let mut b = [0u8; 64];
+        let _ = s.read(&mut b).await;
+        reset(&s);
+    })
+    .await;
+    for (backend, says) in [(early, &b""[..]), (late, &b"*1\r\n$4\r\nPING\r\n"[..])] {
+        let lb = start_one(listener(&[backend])).await;
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(lb.addr).await.unwrap();
+            c.write_all(says).await.unwrap();
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(T, c.read_to_end(&mut out)).await.expect("not closed");
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "a backend reset must reach the client as a reset, not a clean end ({out:?}, after {says:?})"
+            );
+        }
+    }
+}

@@ -16,6 +16,7 @@ const ROOMS: &[(&str, u8)] = &[
     ("conn", 2),
     ("control", 3),
     ("cli", 4),
+    ("logging", 4),
 ];
 
 fn floor(room: &str) -> Option<u8> {

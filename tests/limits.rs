@@ -145,3 +145,31 @@ fn child_alive(pid: u32) -> bool {
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
 }
+
+/// Clients that send half a PROXY header and stop cost nothing while they
+/// wait for the timeout, and the others are still served meanwhile.
+#[test]
+fn half_sent_proxy_headers_cost_no_cpu_while_waiting() {
+    let echo = common::thread_echo_server();
+    let (child, addr, _rx) = start(echo, "", "--accept-proxy");
+    let pid = child.0.id();
+    let mut waiting = Vec::new();
+    for _ in 0..800 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"PROXY TCP4 ").unwrap();
+        waiting.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 10, "800 clients waiting inside a PROXY header cost {used} ticks in 2 s");
+
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"PROXY TCP4 10.1.2.3 10.4.5.6 1111 2222\r\nhello").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"hello");
+    drop(waiting);
+}

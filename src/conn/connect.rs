@@ -5,7 +5,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use crate::config::Protocol;
 use crate::conn::http::Status;
 use crate::conn::proxy_protocol;
 use crate::io::{describe_io, is_resource_exhaustion, write_all};
+use crate::stats::Throttle;
 use crate::upstream::{ActiveGuard, Backend, Candidates, ConnectFailure, Service, Snapshot};
 
 /// Why a connect attempt failed.
@@ -74,16 +74,10 @@ pub(crate) struct BackendConn {
     _slot: ActiveGuard,
 }
 
-/// When the last local-exhaustion warning was logged (seconds since start).
-static LOCAL_EXHAUSTION_WARNED: AtomicU64 = AtomicU64::new(0);
-
-/// True at most once per second per `last`: for warnings a burst would repeat.
-fn rate_limit(last: &AtomicU64) -> bool {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let now = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
-    let prev = last.load(Ordering::Relaxed);
-    now > prev && last.compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-}
+/// Out of local resources: every connection would say so at once.
+static LOCAL_EXHAUSTION: Throttle = Throttle::new();
+/// Backend connect failures: a dead backend under load fails every connect.
+static CONNECT_FAILED: Throttle = Throttle::new();
 
 /// Tries the next candidates until one accepts (and takes its PROXY header);
 /// on failure returns the status an HTTP client should see.
@@ -124,14 +118,16 @@ pub(crate) async fn connect(
             }
             Err(ConnectError::Local(e)) => {
                 // Every other backend would fail the same way; the backend is not to blame.
-                if rate_limit(&LOCAL_EXHAUSTION_WARNED) {
-                    warn!(listener = %svc.name, client = %ends.client, error = %e, "cannot open a backend connection: out of local resources");
+                if let Some(suppressed) = LOCAL_EXHAUSTION.allow() {
+                    warn!(listener = %svc.name, client = %ends.client, error = %e, suppressed, "cannot open a backend connection: out of local resources");
                 }
                 return Err(Status::ServiceUnavailable);
             }
             Err(e) => {
                 let reason = e.describe(timeout);
-                warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, "backend connect failed");
+                if let Some(suppressed) = CONNECT_FAILED.allow() {
+                    warn!(listener = %svc.name, client = %ends.client, backend = %backend.addr, %reason, suppressed, "backend connect failed");
+                }
                 backend.record_connect_failure(e.reason());
                 if snap.passive_health() {
                     backend.record_passive_failure(&svc.name, &reason);

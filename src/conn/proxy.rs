@@ -24,7 +24,11 @@ use crate::conn::http::{self, Sniff, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
 use crate::io::{describe_io, reset_on_close, write_all};
+use crate::stats::Throttle;
 use crate::upstream::{Candidates, Service, Snapshot};
+
+/// Bad PROXY headers: anyone who can connect can send them.
+static BAD_PROXY_HEADER: Throttle = Throttle::new();
 
 /// Serves one client connection to its end, then writes its access-log event.
 pub async fn serve(
@@ -145,7 +149,9 @@ impl<'a> Connection<'a> {
                     self.ends.destination = h.destination.unwrap_or(self.ends.destination);
                 }
                 Err(e) => {
-                    warn!(listener = %svc.name, client = %self.ends.client, error = %e, "closing connection: bad PROXY header");
+                    if let Some(suppressed) = BAD_PROXY_HEADER.allow() {
+                        warn!(listener = %svc.name, client = %self.ends.client, error = %e, suppressed, "closing connection: bad PROXY header");
+                    }
                     return Err(Ending::with_error("bad PROXY header", Some(e)));
                 }
             }
@@ -278,6 +284,12 @@ impl<'a> Connection<'a> {
         let extra =
             held.complete_from(&self.client, Instant::now() + snap.config.peek_timeout).await;
         if !held.is_http() {
+            if error.is_some() {
+                // Reset: the client must see a reset too, never a clean end
+                // of stream that reads as a complete, empty answer.
+                reset_on_close(&self.client);
+                return Err(Ending::with_error("backend error", error));
+            }
             // Not ours to judge: forward what was read, splice on, and the
             // end of stream propagates.
             let _ = write_all(&up.stream, &extra).await;

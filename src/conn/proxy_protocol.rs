@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -17,8 +16,6 @@ pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 pub const V1_MAX: usize = 107;
 /// Longest v2 header accepted (16-byte preamble plus address block and TLVs).
 pub const V2_MAX: usize = 16 + 4096;
-/// Pause between two looks at a header that has not fully arrived.
-const PARTIAL_POLL: Duration = Duration::from_millis(5);
 
 /// What a PROXY header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +125,13 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyError> {
 
 fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
     let window = &buf[..buf.len().min(V1_MAX)];
+    // The line ends at the first LF, which the spec wants preceded by CR: a
+    // bare LF is refused at once rather than waited on until the timeout.
+    if let Some(lf) = window.iter().position(|&b| b == b'\n') {
+        if lf == 0 || window[lf - 1] != b'\r' {
+            return Err(ProxyError::Malformed("v1 header line ends in LF without CR"));
+        }
+    }
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return if buf.len() >= V1_MAX {
             Err(ProxyError::Malformed("v1 header longer than 107 bytes"))
@@ -239,43 +243,50 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
 
 /// Reads exactly one PROXY header from `stream` (nothing after it), waiting
 /// until `deadline`. The common case (the header in the first segment) costs
-/// one peek and one read.
+/// one peek and one read. A header that arrives in pieces is consumed piece
+/// by piece (every byte before its end belongs to it), and the wait for the
+/// next piece is on readiness: a client that sends half a header and stops
+/// costs a timer, not a wake-up every few milliseconds.
 pub async fn read_header(stream: &TcpStream, deadline: Instant) -> io::Result<ProxyHeader> {
+    let timed_out =
+        || io::Error::new(io::ErrorKind::TimedOut, "timed out waiting for the PROXY header");
+    // The header's bytes consumed so far, then room to peek at the rest.
     let mut buf = vec![0u8; V2_MAX];
+    let mut have = 0;
     loop {
-        let n =
-            tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, "timed out waiting for the PROXY header")
-            })??;
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf[have..]))
+            .await
+            .map_err(|_| timed_out())??;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "closed before the PROXY header",
             ));
         }
-        match parse(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
-            Parsed::Header { header, len } => {
-                let mut rest = &mut buf[..len];
-                while !rest.is_empty() {
-                    stream.readable().await?;
-                    match stream.try_read(rest) {
-                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                        Ok(k) => rest = &mut rest[k..],
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-                return Ok(header);
+        let parsed =
+            parse(&buf[..have + n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // What to take off the socket: the rest of the header, or all that
+        // was peeked while the header is incomplete.
+        let (take, header) = match parsed {
+            Parsed::Header { header, len } => (len - have, Some(header)),
+            Parsed::Incomplete if have + n >= buf.len() => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "PROXY header too long"))
             }
-            Parsed::Incomplete => {
-                if Instant::now() + PARTIAL_POLL > deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "timed out waiting for the PROXY header",
-                    ));
-                }
-                tokio::time::sleep(PARTIAL_POLL).await;
+            Parsed::Incomplete => (n, None),
+        };
+        let mut rest = &mut buf[have..have + take];
+        while !rest.is_empty() {
+            stream.readable().await?;
+            match stream.try_read(rest) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => rest = &mut rest[k..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
+        }
+        have += take;
+        if let Some(header) = header {
+            return Ok(header);
         }
     }
 }
@@ -369,6 +380,16 @@ mod tests {
         assert!(parse(&[b'P', b'R', b'O', b'X', b'Y', b' ', b'A'].repeat(20)).is_err());
         let bad_version: Vec<u8> = [&V2_SIGNATURE[..], &[0x11, 0x11, 0x00, 0x0c]].concat();
         assert!(parse(&bad_version).is_err());
+    }
+
+    #[test]
+    fn a_v1_line_ending_in_a_bare_lf_is_refused_at_once() {
+        assert_eq!(
+            parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"),
+            Err(ProxyError::Malformed("v1 header line ends in LF without CR"))
+        );
+        assert!(parse(b"PROXY \n").is_err());
+        assert_eq!(parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r"), Ok(Parsed::Incomplete));
     }
 
     proptest! {

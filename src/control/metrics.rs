@@ -14,8 +14,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::stats::{
-    Histogram, ACCEPT_ERRORS, CONNECTION_PANICS, SPLICED_BYTES, SPLICE_PIPES, SYNTHESIZED,
-    WORKER_HANDOFFS,
+    Histogram, ACCEPT_ERRORS, CONNECTION_PANICS, LOG_LINES_DROPPED, SPLICED_BYTES, SPLICE_PIPES,
+    SYNTHESIZED, WORKER_HANDOFFS,
 };
 use crate::upstream::{ConnectFailure, Service};
 
@@ -247,6 +247,14 @@ impl<S: Source> Collector for LiveCollector<S> {
             "Connection tasks that panicked (a bug); the process carried on.",
             MetricType::Counter,
             std::iter::once((Vec::new(), CONNECTION_PANICS.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_log_lines_dropped",
+            "Log lines dropped because the reader of stderr fell behind (the log \
+             writer never blocks a connection).",
+            MetricType::Counter,
+            std::iter::once((Vec::new(), LOG_LINES_DROPPED.load(Ordering::Relaxed))),
         )?;
         family(
             &mut encoder,
