@@ -107,6 +107,10 @@ pub struct Cli {
     #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PEEK_TIMEOUT))]
     pub peek_timeout: HumanDuration,
 
+    /// With --accept-proxy, how long a client may take to send its whole PROXY header.
+    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PROXY_HEADER_TIMEOUT))]
+    pub proxy_header_timeout: HumanDuration,
+
     /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
     #[arg(long, conflicts_with = "config", value_name = "CHECK", default_value_t = config::DEFAULT_HEALTH_CHECK)]
     pub health_check: HealthCheck,
@@ -165,6 +169,12 @@ pub struct Cli {
     /// Close clients in this network right after accept (wins over --allow). Repeatable.
     #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
     pub deny: Vec<ipnet::IpNet>,
+
+    /// With --accept-proxy, only peers in this network may send a PROXY
+    /// header; others are closed unread. Repeatable. Required with
+    /// --allow/--deny, which then judge the client the header names.
+    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr, requires = "accept_proxy")]
+    pub accept_proxy_from: Vec<ipnet::IpNet>,
 
     /// Serve the admin endpoint (metrics, /readyz, /status, drain/enable) here;
     /// keep it on loopback.
@@ -276,6 +286,10 @@ impl Cli {
             (!self.half_close_timeout.0.is_zero()).then_some(self.half_close_timeout.0);
         listener.protocol = self.protocol;
         listener.peek_timeout = self.peek_timeout.0;
+        if self.proxy_header_timeout.0.is_zero() {
+            return Err("--proxy-header-timeout must be more than 0".into());
+        }
+        listener.proxy_header_timeout = self.proxy_header_timeout.0;
         listener.health = HealthConfig {
             check: self.health_check,
             interval: self.health_interval.0,
@@ -292,6 +306,8 @@ impl Cli {
         listener.splice = self.splice;
         listener.allow = self.allow;
         listener.deny = self.deny;
+        listener.accept_proxy_from = self.accept_proxy_from;
+        listener.validate()?;
         let mut config = Config::single(listener);
         config.drain_timeout = self.drain_timeout.0;
         config.max_connections = self.max_connections;

@@ -110,7 +110,7 @@ impl Histogram {
 }
 
 /// The HTTP statuses tcplb writes itself when no backend can be reached.
-pub const SYNTHESIZED: [u16; 3] = [502, 503, 504];
+pub const SYNTHESIZED: [u16; 4] = [408, 502, 503, 504];
 
 /// Per-listener counters that are not per backend.
 #[derive(Debug, Default)]

@@ -229,6 +229,28 @@ async fn token_is_required_off_loopback() {
     assert!(!lb.backends[0].is_draining());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_probes_and_the_bearer_scheme_in_any_case() {
+    let (a, _) = tag_backend("A").await;
+    let lb = start_one(listener(&[a])).await;
+    let query = format!("listener=test&backend={a}");
+    let registry = || tcplb::metrics::registry(NoServices);
+    let (head, post) = (hyper::Method::HEAD, hyper::Method::POST);
+    let loopback: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let admin = tcplb::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), loopback);
+    // Load balancers and kubelets probe with HEAD.
+    assert_eq!(admin.route(&head, "/healthz", None, None).0, 200);
+    assert_eq!(admin.route(&head, "/readyz", None, None).0, 200);
+    // RFC 7235: the scheme is case-insensitive; the token is not.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} s3cret");
+        assert_eq!(admin.route(&post, "/backends/enable", Some(&query), Some(&auth)).0, 200);
+    }
+    assert_eq!(admin.route(&post, "/backends/enable", Some(&query), Some("Bearer S3CRET")).0, 401);
+    // With a token set, it is required on loopback too.
+    assert_eq!(admin.route(&post, "/backends/enable", Some(&query), None).0, 401);
+}
+
 #[derive(Debug)]
 struct NoServices;
 

@@ -249,3 +249,23 @@ async fn a_backend_reset_reaches_a_non_http_client_as_a_reset() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mode_answers_silence_with_408_and_a_partial_request_with_the_failure() {
+    let mut l = listener(&[dead_addr().await]);
+    l.protocol = Protocol::Http;
+    l.peek_timeout = Duration::from_millis(200);
+    let lb = start_one(l).await;
+    for (says, expected) in [
+        (&b""[..], "HTTP/1.1 408 Request Timeout\r\n"),
+        (b"GET /slow HT", "HTTP/1.1 502 Bad Gateway\r\n"),
+    ] {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(says).await.unwrap();
+        let mut out = Vec::new();
+        let _ =
+            tokio::time::timeout(T, s.read_to_end(&mut out)).await.expect("answered and closed");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(expected), "after {says:?}: {text:?}");
+    }
+}

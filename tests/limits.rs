@@ -173,3 +173,47 @@ fn half_sent_proxy_headers_cost_no_cpu_while_waiting() {
     assert_eq!(back, b"hello");
     drop(waiting);
 }
+
+/// Half-sent admin requests, more than tcplb has descriptors, neither
+/// starve the data plane nor keep /healthz silent once they time out.
+#[test]
+fn an_admin_flood_cannot_starve_the_process() {
+    let echo = common::thread_echo_server();
+    let (_child, addr, rx) = start(echo, "ulimit -n 300;", "--admin 127.0.0.1:0");
+    let line = common::wait_line(&rx, "admin endpoint listening");
+    let admin: SocketAddr = line.split("addr=").nth(1).unwrap().trim().parse().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        if let Ok(mut c) = TcpStream::connect(admin) {
+            let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+            flood.push(c);
+        }
+    }
+    // The data plane keeps serving meanwhile.
+    for i in 0..20 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.write_all(format!("ping {i}").as_bytes()).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap_or_else(|e| panic!("client {i} during the flood: {e}"));
+        assert_eq!(back, format!("ping {i}").as_bytes());
+    }
+    // Once the flood's connections time out, /healthz answers again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = TcpStream::connect(admin).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(1)))?;
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = Vec::new();
+            c.read_to_end(&mut out)?;
+            Ok(out)
+        });
+        if answer.is_ok_and(|out| out.starts_with(b"HTTP/1.1 200")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz still silent after the flood timed out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(flood);
+}

@@ -106,3 +106,68 @@ async fn missing_or_malformed_proxy_header_closes_without_contacting_a_backend()
     assert!(eventually(T, || log.lock().unwrap().len() == 1).await);
     assert_eq!(log.lock().unwrap()[0], b"ok");
 }
+
+/// A v2 header with a TLV (PP2_TYPE_AUTHORITY) after the addresses.
+fn v2_with_tlv(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = tcplb::proxy_protocol::encode(ProxyVersion::V2, src, dst);
+    let tlv = [0x02, 0x00, 0x04, b'a', b'.', b'i', b'o'];
+    let len = u16::from_be_bytes([h[14], h[15]]) + tlv.len() as u16;
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&tlv);
+    h
+}
+
+/// allow/deny judge the client a header names: with a header, whoever sends
+/// it chooses that address, so only trusted peers may send one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_cannot_walk_past_allow_and_deny() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend = recorder(Arc::clone(&log)).await;
+    let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
+    let headers = |src: &str| {
+        let src: SocketAddr = src.parse().unwrap();
+        [
+            tcplb::proxy_protocol::encode(ProxyVersion::V1, src, dst),
+            tcplb::proxy_protocol::encode(ProxyVersion::V2, src, dst),
+            v2_with_tlv(src, dst),
+        ]
+    };
+
+    // allow/deny with accept_proxy but no trust list: any client could claim
+    // an allowed address, so it is refused, naming the setting to add.
+    let mut open = listener(&[backend]);
+    open.accept_proxy = true;
+    open.deny = vec![tcplb::config::parse_cidr("127.0.0.1").unwrap()];
+    let err = tcplb::Server::bind(tcplb::Config::single(open.clone())).await.unwrap_err();
+    assert!(err.to_string().contains("accept_proxy_from"), "{err}");
+    assert!(err.is_usage());
+
+    // The peer (127.0.0.1) is denied and not trusted: whatever its header
+    // claims, it is closed before any backend is contacted.
+    open.accept_proxy_from = vec![tcplb::config::parse_cidr("127.0.0.2").unwrap()];
+    let lb = start(with_admin(open)).await;
+    for h in headers("192.168.1.1:5000") {
+        send(lb.addr, &[h, b"x".to_vec()].concat()).await;
+    }
+    // A trusted peer's header is judged instead: 10.1.1.1 is allowed,
+    // 192.168.1.1 (and 10.1.1.1 written as IPv4-compatible IPv6) is not.
+    let mut trusted = listener(&[backend]);
+    trusted.accept_proxy = true;
+    trusted.allow = vec![tcplb::config::parse_cidr("10.0.0.0/8").unwrap()];
+    trusted.deny = vec![tcplb::config::parse_cidr("10.9.0.0/16").unwrap()];
+    trusted.accept_proxy_from = vec![tcplb::config::parse_cidr("127.0.0.0/8").unwrap()];
+    let lb2 = start_one(trusted).await;
+    for h in headers("192.168.1.1:5000").into_iter().chain(headers("[::10.9.1.1]:5000")) {
+        send(lb2.addr, &[h, b"x".to_vec()].concat()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(log.lock().unwrap().is_empty(), "a denied client reached the backend");
+    let m = scrape(lb.admin.unwrap()).await;
+    assert_eq!(get(&m, "tcplb_denied_connections_total", &[("listener", "test")]), 3.0);
+
+    for h in headers("10.1.1.1:5000") {
+        send(lb2.addr, &[h, b"ok".to_vec()].concat()).await;
+    }
+    assert!(eventually(T, || log.lock().unwrap().len() == 3).await, "allowed clients served");
+    assert!(log.lock().unwrap().iter().all(|got| got == b"ok"));
+}

@@ -62,6 +62,54 @@ async fn reload_adds_and_removes_backends_while_a_long_connection_stays_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_can_be_watched_while_it_drains() {
+    let (echo, _) = echo_backend().await;
+    let (b, _) = tag_backend("B").await;
+    let lb = start(with_admin(listener(&[echo, b]))).await;
+    let (addr, admin) = (lb.addr, lb.admin.unwrap());
+    let mut long = TcpStream::connect(addr).await.unwrap();
+    echo_on(&mut long, b"before").await;
+
+    let mut config = with_admin(on(addr, &[b]));
+    config.admin.as_mut().unwrap().listen = admin;
+    let summary = lb.handle.reload(config).await.unwrap();
+    assert!(summary.contains("backends +0 -1"), "{summary}");
+
+    // Still in /status, as removed, with its connection; still in the metrics.
+    let status = |body: String| -> Vec<(String, String, u64)> {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["listeners"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let s = |k: &str| b[k].as_str().unwrap().to_string();
+                (s("address"), s("state"), b["active"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let (_, body) = http_request(admin, "GET", "/status", "").await;
+    let backends = status(body);
+    assert!(backends.contains(&(echo.to_string(), "removed".into(), 1)), "{backends:?}");
+    let active = |m: &Samples| {
+        sample(
+            m,
+            "tcplb_connections_active",
+            &[("listener", "test"), ("backend", &echo.to_string())],
+        )
+    };
+    assert_eq!(active(&scrape(admin).await), Some(1.0));
+
+    // Its last connection ends: it is gone from both.
+    echo_on(&mut long, b"after").await;
+    drop(long);
+    assert!(eventually(T, || lb.backends[0].active() == 0).await);
+    let (_, body) = http_request(admin, "GET", "/status", "").await;
+    assert!(status(body).iter().all(|(a, _, _)| *a != echo.to_string()));
+    assert_eq!(active(&scrape(admin).await), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_backend_keeps_health_and_counters() {
     let (a, _) = tag_backend("A").await;
     let dead = dead_addr().await;

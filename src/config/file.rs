@@ -87,6 +87,7 @@ struct RawListener {
     idle_timeout: Option<Spanned<String>>,
     half_close_timeout: Option<Spanned<String>>,
     peek_timeout: Option<Spanned<String>>,
+    proxy_header_timeout: Option<Spanned<String>>,
     dns_refresh: Option<Spanned<String>>,
     send_proxy: Option<Spanned<String>>,
     accept_proxy: Option<bool>,
@@ -94,6 +95,7 @@ struct RawListener {
     splice: Option<Spanned<String>>,
     allow: Option<Vec<Spanned<String>>>,
     deny: Option<Vec<Spanned<String>>>,
+    accept_proxy_from: Option<Vec<Spanned<String>>>,
     backlog: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
 }
@@ -272,6 +274,9 @@ impl Validator<'_> {
                 }
             }
             self.settings(r, &mut listener);
+            if let Err(e) = listener.validate() {
+                self.error(l.span(), e);
+            }
             config.listeners.push(listener);
         }
         config
@@ -415,6 +420,15 @@ impl Validator<'_> {
                 listener.peek_timeout = d;
             }
         }
+        if let Some(spanned) = &r.proxy_header_timeout {
+            match self.duration(spanned, "proxy_header_timeout") {
+                Some(d) if d.is_zero() => {
+                    self.error(spanned.span(), "proxy_header_timeout must be more than 0")
+                }
+                Some(d) => listener.proxy_header_timeout = d,
+                None => {}
+            }
+        }
         if let Some(d) = &r.dns_refresh {
             if let Some(d) = self.optional_duration(d, "dns_refresh") {
                 listener.dns_refresh = d;
@@ -435,7 +449,11 @@ impl Validator<'_> {
         if let Some(m) = &r.splice {
             listener.splice = self.choice::<SpliceMode>(m, "splice").unwrap_or(listener.splice);
         }
-        for (list, out) in [(&r.allow, &mut listener.allow), (&r.deny, &mut listener.deny)] {
+        for (list, out) in [
+            (&r.allow, &mut listener.allow),
+            (&r.deny, &mut listener.deny),
+            (&r.accept_proxy_from, &mut listener.accept_proxy_from),
+        ] {
             if let Some(list) = list {
                 out.clear();
                 for net in list {

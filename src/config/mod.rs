@@ -51,7 +51,7 @@ pub const DEFAULT_SPLICE: SpliceMode = SpliceMode::Auto;
 /// Whether connections are access-logged by default.
 pub const DEFAULT_ACCESS_LOG: bool = true;
 /// Longest wait for a client's PROXY header.
-pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The whole process configuration.
 #[derive(Debug, Clone)]
@@ -151,6 +151,9 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// How long to wait for a client's first bytes before deciding it is not HTTP.
     pub peek_timeout: Duration,
+    /// With `accept_proxy`, how long a client may take to send its whole
+    /// PROXY header.
+    pub proxy_header_timeout: Duration,
     /// Active health checking.
     pub health: HealthConfig,
     /// listen(2) backlog.
@@ -171,19 +174,44 @@ pub struct ListenerConfig {
     pub allow: Vec<IpNet>,
     /// Clients in these networks are closed right after accept (wins over allow).
     pub deny: Vec<IpNet>,
+    /// With `accept_proxy`, the peers trusted to send a PROXY header (empty:
+    /// any peer). A connection from any other peer is closed unread: the
+    /// header names the client that allow/deny judge, so whoever may send
+    /// one chooses the address they check.
+    pub accept_proxy_from: Vec<IpNet>,
 }
 
 impl ListenerConfig {
     /// Whether a client at `ip` may be served.
     pub fn admits(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = as_ipv4(ip);
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return false;
         }
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether the peer at `ip` may send a PROXY header.
+    pub fn trusts_proxy_header_from(&self, ip: IpAddr) -> bool {
+        let ip = as_ipv4(ip);
+        self.accept_proxy_from.is_empty() || self.accept_proxy_from.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The rules that span several settings; the message names the setting
+    /// to add or change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.accept_proxy
+            && self.accept_proxy_from.is_empty()
+            && !(self.allow.is_empty() && self.deny.is_empty())
+        {
+            return Err(format!(
+                "listener '{}': allow/deny with accept_proxy needs accept_proxy_from \
+                 (--accept-proxy-from CIDR): the peers trusted to send PROXY headers; \
+                 without it any client could claim an allowed address",
+                self.name
+            ));
+        }
+        Ok(())
     }
 
     /// The inactivity limits of its connections.
@@ -203,6 +231,7 @@ impl ListenerConfig {
             half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
             protocol: DEFAULT_PROTOCOL,
             peek_timeout: DEFAULT_PEEK_TIMEOUT,
+            proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
             health: HealthConfig::default(),
             backlog: DEFAULT_BACKLOG,
             strategy: DEFAULT_STRATEGY,
@@ -213,6 +242,7 @@ impl ListenerConfig {
             splice: DEFAULT_SPLICE,
             allow: Vec::new(),
             deny: Vec::new(),
+            accept_proxy_from: Vec::new(),
         }
     }
 }
@@ -233,6 +263,22 @@ impl Timeouts {
             (Some(i), Some(h)) => Some(i.min(h)),
             (i, h) => i.or(h),
         }
+    }
+}
+
+/// An IPv4-mapped (`::ffff:10.1.1.1`) or IPv4-compatible (`::10.1.1.1`)
+/// IPv6 address as the IPv4 address it carries, so that IPv4 rules match it;
+/// any other address as it is. `::` and `::1` stay IPv6.
+pub fn as_ipv4(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if v6.segments()[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback() => {
+                v6.to_ipv4().map_or(ip, IpAddr::V4)
+            }
+            None => ip,
+        },
+        v4 => v4,
     }
 }
 
@@ -681,6 +727,14 @@ mod tests {
         l.deny = vec![parse_cidr("10.9.0.0/16").unwrap()];
         assert!(l.admits("10.1.2.3".parse().unwrap()));
         assert!(!l.admits("10.9.2.3".parse().unwrap()), "deny wins");
+        assert!(l.admits("::ffff:10.1.2.3".parse().unwrap()), "IPv4-mapped IPv6 is its IPv4");
+        // A deny rule alone: neither IPv6 spelling of a denied IPv4 gets past it.
+        let mut d = ListenerConfig::new("d", vec![], vec![]);
+        d.deny = vec![parse_cidr("10.0.0.0/8").unwrap()];
+        for spelling in ["10.1.1.1", "::ffff:10.1.1.1", "::10.1.1.1"] {
+            assert!(!d.admits(spelling.parse().unwrap()), "{spelling} got past deny 10.0.0.0/8");
+        }
+        assert!(d.admits("::1".parse().unwrap()) && d.admits("2001:db8::1".parse().unwrap()));
         assert!(!l.admits("192.0.2.1".parse().unwrap()), "not allowed");
         assert!(l.admits("::1".parse().unwrap()));
         assert!(l.admits("::ffff:10.1.1.1".parse().unwrap()), "v4-mapped is v4");

@@ -27,6 +27,9 @@ pub enum Status {
     ServiceUnavailable,
     /// The last connect attempt timed out.
     GatewayTimeout,
+    /// `http` mode: the client sent nothing within the peek timeout (as
+    /// HAProxy answers a request that does not arrive in time).
+    RequestTimeout,
 }
 
 impl Status {
@@ -36,6 +39,7 @@ impl Status {
             Status::BadGateway => 502,
             Status::ServiceUnavailable => 503,
             Status::GatewayTimeout => 504,
+            Status::RequestTimeout => 408,
         }
     }
 
@@ -45,6 +49,7 @@ impl Status {
             Status::BadGateway => "answered 502",
             Status::ServiceUnavailable => "answered 503",
             Status::GatewayTimeout => "answered 504",
+            Status::RequestTimeout => "answered 408",
         }
     }
 
@@ -53,6 +58,7 @@ impl Status {
             Status::BadGateway => "Bad Gateway",
             Status::ServiceUnavailable => "Service Unavailable",
             Status::GatewayTimeout => "Gateway Timeout",
+            Status::RequestTimeout => "Request Timeout",
         }
     }
 
@@ -61,6 +67,7 @@ impl Status {
             Status::BadGateway => "502 Bad Gateway: no backend accepted the connection\n",
             Status::ServiceUnavailable => "503 Service Unavailable: no backend is available\n",
             Status::GatewayTimeout => "504 Gateway Timeout: no backend answered in time\n",
+            Status::RequestTimeout => "408 Request Timeout: no request arrived in time\n",
         }
     }
 }
@@ -116,10 +123,26 @@ pub fn sniff(buf: &[u8]) -> Sniff {
     }
 }
 
+/// What a client had sent by the time it was judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// A complete HTTP/1.x request line.
+    Http {
+        /// The method is HEAD.
+        head: bool,
+    },
+    /// The start of what may be a request line, then nothing more.
+    Partial,
+    /// Nothing at all.
+    Silent,
+    /// Bytes that are certainly not HTTP/1.x.
+    NotHttp,
+}
+
 /// Reads the client's first bytes (consuming them: the connection is about to
 /// be closed anyway) until they are recognised, `PEEK_LIMIT` is reached, the
 /// client stops sending, or `deadline` passes. `held` is what was already read.
-pub async fn sniff_client(client: &TcpStream, held: &[u8], deadline: Instant) -> Sniff {
+pub async fn sniff_client(client: &TcpStream, held: &[u8], deadline: Instant) -> Peek {
     let mut buf = Vec::with_capacity(PEEK_LIMIT);
     buf.extend_from_slice(&held[..held.len().min(PEEK_LIMIT)]);
     // On the heap: a stack array would live in every connection's future.
@@ -127,13 +150,15 @@ pub async fn sniff_client(client: &TcpStream, held: &[u8], deadline: Instant) ->
     loop {
         match sniff(&buf) {
             Sniff::NeedMore => {}
-            decided => return decided,
+            Sniff::Http { head } => return Peek::Http { head },
+            Sniff::NotHttp => return Peek::NotHttp,
         }
         let room = (PEEK_LIMIT - buf.len()).min(chunk.len());
         match read_by(client, &mut chunk[..room], deadline).await {
             Some(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             // EOF, error or timeout with the request line still incomplete.
-            _ => return Sniff::NotHttp,
+            _ if buf.is_empty() => return Peek::Silent,
+            _ => return Peek::Partial,
         }
     }
 }

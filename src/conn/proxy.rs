@@ -17,10 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Protocol, PROXY_HEADER_TIMEOUT};
+use crate::config::Protocol;
 use crate::conn::connect::{connect, BackendConn, Endpoints};
 use crate::conn::duplex::{self, End};
-use crate::conn::http::{self, Sniff, Status};
+use crate::conn::http::{self, Peek, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
 use crate::io::{describe_io, reset_on_close, write_all};
@@ -29,6 +29,8 @@ use crate::upstream::{Candidates, Service, Snapshot};
 
 /// Bad PROXY headers: anyone who can connect can send them.
 static BAD_PROXY_HEADER: Throttle = Throttle::new();
+/// Peers not trusted to send a PROXY header.
+static UNTRUSTED_PEER: Throttle = Throttle::new();
 
 /// Serves one client connection to its end, then writes its access-log event.
 pub async fn serve(
@@ -45,6 +47,7 @@ pub async fn serve(
         svc: &svc,
         snap: &snap,
         client,
+        peer,
         ends: Endpoints { client: peer, destination },
         cancel: &cancel,
         started,
@@ -65,6 +68,9 @@ struct Connection<'a> {
     snap: &'a Snapshot,
     /// The client's socket.
     client: TcpStream,
+    /// The address the connection came from (a proxy in front, with
+    /// `accept_proxy`).
+    peer: SocketAddr,
     /// Who it is from and to (after a PROXY header, as the header says).
     ends: Endpoints,
     /// Cancelled at the drain deadline.
@@ -137,8 +143,15 @@ impl<'a> Connection<'a> {
     /// allow/deny to the client it names.
     async fn admit(&mut self) -> Result<(), Ending> {
         let (svc, cfg) = (self.svc, &self.snap.config);
+        if cfg.accept_proxy && !cfg.trusts_proxy_header_from(self.peer.ip()) {
+            svc.stats.denied.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = UNTRUSTED_PEER.allow() {
+                warn!(listener = %svc.name, peer = %self.peer, suppressed, "closing connection: peer not trusted to send a PROXY header (accept_proxy_from)");
+            }
+            return Err(Ending::new("untrusted PROXY peer"));
+        }
         if cfg.accept_proxy {
-            let deadline = Instant::now() + PROXY_HEADER_TIMEOUT;
+            let deadline = Instant::now() + cfg.proxy_header_timeout;
             let header = tokio::select! {
                 h = proxy_protocol::read_header(&self.client, deadline) => h,
                 _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
@@ -179,7 +192,7 @@ impl<'a> Connection<'a> {
             }
             Err(status) => {
                 let answered = self.answer_failure(status).await;
-                Err(Ending::new(if answered { status.end() } else { "no backend" }))
+                Err(Ending::new(answered.map_or("no backend", Status::end)))
             }
         }
     }
@@ -354,32 +367,35 @@ impl<'a> Connection<'a> {
     }
 
     /// No backend could be reached: answers an HTTP client, closes anything
-    /// else. Returns whether a response went out.
-    async fn answer_failure(&self, status: Status) -> bool {
+    /// else. Returns the status that went out, if one did.
+    async fn answer_failure(&self, status: Status) -> Option<Status> {
         let (svc, peer) = (self.svc, self.ends.client);
         debug!(listener = %svc.name, client = %peer, status = status.code(), "no backend reachable");
         let protocol = self.snap.config.protocol;
         if protocol == Protocol::Tcp {
-            return false;
+            return None;
         }
         let deadline = Instant::now() + self.snap.config.peek_timeout;
         let answer = async {
-            // In http mode the service is known to speak HTTP: only bytes that
-            // are certainly something else get a plain close.
-            let head = match http::sniff_client(&self.client, &[], deadline).await {
-                Sniff::Http { head } => head,
-                Sniff::NeedMore if protocol == Protocol::Http => false,
-                _ => return false,
+            // In http mode the service is known to speak HTTP: a partial
+            // request line gets the answer too, a client that sent nothing a
+            // 408, and only bytes that are certainly something else a plain
+            // close. In auto mode only a whole request line proves HTTP.
+            let (status, head) = match http::sniff_client(&self.client, &[], deadline).await {
+                Peek::Http { head } => (status, head),
+                Peek::Partial if protocol == Protocol::Http => (status, false),
+                Peek::Silent if protocol == Protocol::Http => (Status::RequestTimeout, false),
+                _ => return None,
             };
             svc.stats.record_synthesized(status.code());
             if let Err(e) = http::respond(&self.client, status, head).await {
                 debug!(listener = %svc.name, client = %peer, error = %e, "could not send HTTP error");
             }
-            true
+            Some(status)
         };
         tokio::select! {
             answered = answer => answered,
-            _ = self.cancel.cancelled() => false,
+            _ = self.cancel.cancelled() => None,
         }
     }
 
@@ -391,7 +407,11 @@ impl<'a> Connection<'a> {
 
     /// Closes the client and writes the connection's one access-log event.
     fn log(self, ending: Ending) {
-        let Connection { svc, snap, client, ends, started, backend, sent, received, .. } = self;
+        let Connection { svc, snap, client, peer, ends, started, backend, sent, received, .. } =
+            self;
+        // The address the connection came from, when a PROXY header named
+        // another client.
+        let peer = (peer != ends.client).then(|| tracing::field::display(peer));
         // Close before logging: the last direction to end leaves its FIN to close().
         drop(client);
         let duration = started.elapsed();
@@ -405,6 +425,7 @@ impl<'a> Connection<'a> {
                     $($target)*
                     listener = %svc.name,
                     client = %ends.client,
+                    peer,
                     %backend,
                     sent,
                     received,

@@ -10,13 +10,20 @@
 //! | `POST /backends/drain?listener=L&backend=ADDR` | take a backend out of rotation |
 //! | `POST /backends/enable?listener=L&backend=ADDR` | put it back |
 //!
-//! POSTs need `Authorization: Bearer TOKEN` when a token file is configured,
-//! and are refused outright when the endpoint is bound off loopback without one.
+//! POSTs need `Authorization: Bearer TOKEN` whenever a token file is
+//! configured (on loopback too), and are refused outright when the endpoint
+//! is bound off loopback without one. GET routes answer HEAD as well.
+//!
+//! The endpoint cannot be used to starve the process: each connection serves
+//! one request (`Connection: close`), must send its request head within
+//! [`HEADER_TIMEOUT`] and is closed after [`CONNECTION_TIMEOUT`] whatever it
+//! does; at most [`MAX_CONNECTIONS`] are open at once, and one more is closed
+//! as soon as it is accepted; accept errors back off like the data plane's.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,7 +37,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::control::handle::Handle;
+use crate::io::is_resource_exhaustion;
 use crate::upstream::Backend;
+
+/// Most admin connections open at once; a scraper, a probe and an operator
+/// need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may stay open at all, its response included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error caused by resource exhaustion.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the admin endpoint serves from.
 pub struct Admin {
@@ -78,6 +96,8 @@ impl Admin {
     ) -> (StatusCode, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
         const JSON: &str = "application/json";
+        // HEAD is GET without the body (hyper leaves the body out).
+        let method = if *method == Method::HEAD { &Method::GET } else { method };
         match (method, path) {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
@@ -125,7 +145,11 @@ impl Admin {
     fn authorize(&self, authorization: Option<&str>) -> Result<(), (StatusCode, String)> {
         match &self.token {
             Some(token) => {
-                let given = authorization.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+                // The scheme is case-insensitive (RFC 7235).
+                let given = authorization
+                    .and_then(|h| h.trim_start().split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map_or("", |(_, token)| token);
                 if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
                     Ok(())
                 } else {
@@ -183,7 +207,7 @@ impl Admin {
                     "listen": s.bound().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                     "strategy": snap.config.strategy.as_str(),
                     "protocol": format!("{:?}", snap.config.protocol).to_lowercase(),
-                    "backends": snap.pool.backends().iter().map(|b| backend_json(b)).collect::<Vec<_>>(),
+                    "backends": snap.pool.backends().iter().chain(&s.removed()).map(|b| backend_json(b)).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -192,7 +216,9 @@ impl Admin {
 }
 
 fn state(b: &Backend) -> &'static str {
-    if b.is_draining() {
+    if b.is_removed() {
+        "removed"
+    } else if b.is_draining() {
         "draining"
     } else if b.health.is_up() {
         "up"
@@ -236,17 +262,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Serves the admin endpoint on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if is_resource_exhaustion(&e) {
+                        warn!(error = %e, "admin accept failed: out of resources, backing off");
+                    } else {
+                        debug!(error = %e, "admin accept failed");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => return,
+        };
+        // Full: closed at once, so a flood holds no descriptor for long.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            continue;
         };
         let admin = Arc::clone(&admin);
         let stop = stop.clone();
@@ -256,11 +292,19 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 async move { Ok::<_, Infallible>(answer(&admin, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection failed") },
+                r = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => match r {
+                    Ok(Err(e)) => debug!(%peer, error = %e, "admin connection failed"),
+                    Err(_) => debug!(%peer, "admin connection closed: too slow"),
+                    Ok(Ok(())) => {}
+                },
                 _ = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }

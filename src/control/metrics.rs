@@ -94,7 +94,8 @@ impl<S: Source> Collector for LiveCollector<S> {
         let backends: Vec<(String, String, _)> = services
             .iter()
             .flat_map(|s| {
-                s.backends().into_iter().map(move |b| (s.name.to_string(), b.addr.to_string(), b))
+                let all = s.backends().into_iter().chain(s.removed());
+                all.map(move |b| (s.name.to_string(), b.addr.to_string(), b))
             })
             .collect();
 
@@ -196,6 +197,7 @@ impl<S: Source> Collector for LiveCollector<S> {
             services.iter().zip(&names).flat_map(|(s, n)| {
                 SYNTHESIZED.map(|code| {
                     let label: &'static str = match code {
+                        408 => "408",
                         502 => "502",
                         503 => "503",
                         _ => "504",

@@ -101,9 +101,7 @@ impl Running {
         added: &[Arc<Backend>],
         removed: &[Arc<Backend>],
     ) {
-        for b in removed {
-            b.retire();
-        }
+        service.retire(removed);
         for b in added {
             probe::spawn_probe(Arc::clone(service), Arc::clone(b), self.kill.clone());
         }
@@ -119,6 +117,9 @@ impl Running {
     /// Resolves and binds what `config` needs; on error nothing has changed.
     async fn prepare(&self, config: &Config) -> Result<Vec<Prepared>, Error> {
         let mut prepared = Vec::with_capacity(config.listeners.len());
+        for cfg in &config.listeners {
+            cfg.validate().map_err(Error::Config)?;
+        }
         for cfg in &config.listeners {
             let existing = self.listeners.iter().position(|l| *l.service.name == *cfg.name);
             let old_backends =

@@ -67,6 +67,9 @@ impl Server {
 
     /// Like [`Server::bind`] with a given resolver.
     pub async fn bind_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<Server, Error> {
+        for cfg in &config.listeners {
+            cfg.validate().map_err(Error::Config)?;
+        }
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for cfg in &config.listeners {
             let (resolved, _) = discovery::resolve_all(&*resolver, &cfg.upstreams, &HashMap::new())

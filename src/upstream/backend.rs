@@ -221,6 +221,11 @@ impl Backend {
         self.retired.cancel();
     }
 
+    /// Whether the backend was removed from the configuration.
+    pub fn is_removed(&self) -> bool {
+        self.retired.is_cancelled()
+    }
+
     /// Cancelled once the backend is removed from the configuration.
     pub fn retired(&self) -> &CancellationToken {
         &self.retired

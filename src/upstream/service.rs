@@ -56,6 +56,10 @@ pub struct Service {
     pub stats: ListenerStats,
     /// The addresses its sockets are bound to now.
     bound: Mutex<Vec<SocketAddr>>,
+    /// Backends a reload or DNS change removed that still held connections
+    /// then: shown (state "removed") with their counters until the last of
+    /// those connections ends, so an operator can watch them drain.
+    removed: Mutex<Vec<Arc<Backend>>>,
 }
 
 impl Service {
@@ -67,6 +71,7 @@ impl Service {
             panic: AtomicBool::new(false),
             stats: ListenerStats::default(),
             bound: Mutex::new(Vec::new()),
+            removed: Mutex::new(Vec::new()),
         }
     }
 
@@ -83,6 +88,29 @@ impl Service {
     /// Every current backend.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
         self.current.load().pool.backends().to_vec()
+    }
+
+    /// Takes `backends` out of the configuration: no new connections, probes
+    /// stop; those still serving connections stay visible in
+    /// [`removed`](Self::removed) until they end.
+    pub(crate) fn retire(&self, backends: &[Arc<Backend>]) {
+        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        for b in backends {
+            b.retire();
+            if b.active() > 0 {
+                removed.push(Arc::clone(b));
+            }
+        }
+    }
+
+    /// Removed backends that still serve connections (but none whose
+    /// address is back in the configuration: one series per address).
+    pub fn removed(&self) -> Vec<Arc<Backend>> {
+        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        removed.retain(|b| b.active() > 0);
+        let current = self.current.load();
+        let back = |b: &Arc<Backend>| current.pool.backends().iter().any(|c| c.addr == b.addr);
+        removed.iter().filter(|b| !back(b)).cloned().collect()
     }
 
     /// The current backend with address `addr`.
