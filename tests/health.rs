@@ -121,6 +121,17 @@ async fn passive_failures_mark_down_before_any_probe() {
     assert_eq!(lb.backends[0].connect_failures(), 2, "a down backend is no longer tried");
 }
 
+/// Reads `c` to its end: tcplb closes it once the backend has, and makes
+/// nothing up for the client.
+async fn closed_without_a_word(mut c: tokio::net::TcpStream) {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("tcplb closes once the backend has")
+        .unwrap();
+    assert!(rest.is_empty(), "nothing is made up for the client: {rest:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_hang_up_first_are_not_backend_failures() {
     // Closes without a word once its client has ended, as servers do with
@@ -141,12 +152,7 @@ async fn clients_that_hang_up_first_are_not_backend_failures() {
             c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
         }
         c.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-            .await
-            .expect("tcplb closes once the backend has")
-            .unwrap();
-        assert!(rest.is_empty(), "nothing is made up for the client: {rest:?}");
+        closed_without_a_word(c).await;
     }
     assert!(lb.backends[0].health.is_up(), "the clients hung up, the backend did nothing wrong");
 
@@ -177,12 +183,7 @@ async fn a_backend_that_hangs_up_on_a_non_http_client_is_down() {
     for _ in 0..2 {
         let mut c = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
         c.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-            .await
-            .expect("tcplb closes once the backend has")
-            .unwrap();
-        assert!(rest.is_empty(), "nothing is made up for the client: {rest:?}");
+        closed_without_a_word(c).await;
     }
     let down = eventually(Duration::from_secs(5), || !lb.backends[0].health.is_up()).await;
     assert!(down, "a backend that hangs up on its clients is down");

@@ -243,11 +243,8 @@ impl<'a> Connection<'a> {
                 FirstOutcome::ClosedEarly(error) => {
                     match self.after_early_close(&up, &mut held, candidates, error).await? {
                         AfterClose::SpliceOn => {
-                            return Ok(Established {
-                                up,
-                                client_done: held.client_done,
-                                awaiting_answer: false,
-                            })
+                            let client_done = held.client_done;
+                            return Ok(Established { up, client_done, awaiting_answer: false });
                         }
                         AfterClose::Replayed(next) => {
                             self.backend = Some(next.backend.addr);
