@@ -91,16 +91,19 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets) as Prometheus wants them.
+    /// (sum in seconds, count, observations per bucket, not cumulative:
+    /// the encoder adds them up). The count is the buckets' total, so that
+    /// `+Inf` equals `_count` even while observations land mid-read.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cumulative = 0;
+        let mut count = 0;
         let mut out = Vec::with_capacity(BUCKETS.len() + 1);
         for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            out.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+            let n = b.load(Ordering::Relaxed);
+            count += n;
+            out.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n));
         }
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        (sum, cumulative.max(self.count.load(Ordering::Relaxed)), out)
+        (sum, count, out)
     }
 
     /// Number of observations.
@@ -159,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_count_each_observation_once() {
         let h = Histogram::default();
         h.observe(Duration::from_micros(50));
         h.observe(Duration::from_millis(3));
@@ -168,7 +171,8 @@ mod tests {
         assert_eq!(count, 3);
         assert!((sum - 7200.00305).abs() < 1e-6, "{sum}");
         assert_eq!(buckets[0], (0.0001, 1));
-        assert_eq!(buckets.iter().find(|(b, _)| *b == 0.005).unwrap().1, 2);
-        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 3));
+        assert_eq!(buckets.iter().find(|(b, _)| *b == 0.005).unwrap().1, 1);
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 1));
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 3);
     }
 }

@@ -275,3 +275,74 @@ async fn admin_token_file_over_http() {
     let auth = "Authorization: Bearer tok-123\r\n";
     assert_eq!(http_request(lb.admin.unwrap(), "POST", &q, auth).await.0, 200);
 }
+
+/// Checks a scrape as Prometheus would: every family has HELP and TYPE, and
+/// every histogram's buckets never decrease and end at `_count`.
+fn check_exposition(text: &str) -> Result<(), String> {
+    use std::collections::HashMap;
+    let mut typed: HashMap<&str, &str> = HashMap::new();
+    let mut helped = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("#"), Some("TYPE"), Some(name)) => {
+                typed.insert(name, words.next().unwrap_or(""));
+            }
+            (Some("#"), Some("HELP"), Some(name)) => helped.push(name),
+            _ => {}
+        }
+    }
+    for name in typed.keys() {
+        if !helped.contains(name) {
+            return Err(format!("{name} has no HELP"));
+        }
+    }
+    // Per histogram series (its labels but `le`): the bucket values in order, and _count.
+    let mut buckets: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut counts: HashMap<String, f64> = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let value: f64 = value.parse().map_err(|_| format!("bad value in {line}"))?;
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        if let Some(base) = name.strip_suffix("_bucket") {
+            let rest: Vec<&str> =
+                labels.trim_end_matches('}').split(',').filter(|l| !l.starts_with("le=")).collect();
+            buckets.entry(format!("{base}{{{}}}", rest.join(","))).or_default().push(value);
+        } else if let Some(base) = name.strip_suffix("_count") {
+            counts.insert(format!("{base}{{{}}}", labels.trim_end_matches('}')), value);
+        }
+    }
+    for (series, values) in &buckets {
+        if values.windows(2).any(|w| w[1] < w[0]) {
+            return Err(format!("{series}: buckets decrease: {values:?}"));
+        }
+        let count = counts.get(series).ok_or(format!("{series}: no _count"))?;
+        if values.last() != Some(count) {
+            return Err(format!("{series}: +Inf {:?} but _count {count}", values.last()));
+        }
+    }
+    if buckets.is_empty() {
+        return Err("no histogram in the scrape".into());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histograms_in_the_scrape_are_valid() {
+    let (a, _) = tag_backend("A").await;
+    let lb = start(with_admin(listener(&[a]))).await;
+    for _ in 0..9 {
+        read_all_from(lb.addr).await;
+    }
+    let admin = lb.admin.unwrap();
+    // The last connection's duration is observed just after its close.
+    assert!(
+        eventually(Duration::from_secs(5), || lb.backends[0].active() == 0).await,
+        "connections still open"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (code, text) = http_request(admin, "GET", "/metrics", "").await;
+    assert_eq!(code, 200);
+    check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(text.contains("tcplb_connect_duration_seconds_count{listener=\"test\"} 9"), "{text}");
+}
