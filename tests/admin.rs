@@ -122,6 +122,50 @@ async fn readyz_is_503_when_a_listener_has_no_backend_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_a_passing_health_check() {
+    use tcplb::config::{HealthCheck, HealthConfig};
+    let checked = |l: &mut tcplb::config::ListenerConfig| {
+        l.health = HealthConfig {
+            check: HealthCheck::Connect,
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(200),
+            rise: 1,
+            fall: 3,
+            send_proxy: false,
+        };
+    };
+    // Every backend dead: never ready, not even before the first checks.
+    let mut l = listener(&[dead_addr().await]);
+    checked(&mut l);
+    let dead = start(with_admin(l)).await;
+    let readyz = |admin| async move { http_request(admin, "GET", "/readyz", "").await };
+    let (code, body) = readyz(dead.admin.unwrap()).await;
+    assert_eq!(code, 503, "ready with every backend dead: {body}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (code, body) = readyz(dead.admin.unwrap()).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no backend up"), "{body}");
+
+    // A live backend: ready once its first check has passed.
+    let (a, _) = tag_backend("A").await;
+    let mut l = listener(&[a]);
+    checked(&mut l);
+    let live = start(with_admin(l)).await;
+    let admin = live.admin.unwrap();
+    let (code, body) = readyz(admin).await;
+    assert!(code == 200 || body.contains("waiting for the first health checks"), "{code} {body}");
+    let mut ready = false;
+    for _ in 0..50 {
+        if readyz(admin).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "a backend passing its checks must make the listener ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_enable_change_where_new_connections_go_and_keep_established_ones() {
     let (echo, _) = echo_backend().await;
     let (b, _) = tag_backend("B").await;

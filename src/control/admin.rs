@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::HealthCheck;
 use crate::control::handle::Handle;
 use crate::io::is_resource_exhaustion;
 use crate::upstream::Backend;
@@ -135,9 +136,23 @@ impl Admin {
             return (false, "draining".into());
         }
         for s in self.handle.services().iter() {
-            if !s.backends().iter().any(|b| b.health.is_up() && !b.is_draining()) {
-                return (false, format!("listener '{}' has no backend up", s.name));
+            // With active checks, a backend counts once a probe has passed:
+            // backends start up (so traffic flows at once), and before the
+            // first round of checks that says nothing about them.
+            let checked = s.snapshot().config.health.check != HealthCheck::None;
+            let backends = s.backends();
+            let serving = |b: &&Arc<Backend>| b.health.is_up() && !b.is_draining();
+            let proven = |b: &&Arc<Backend>| !checked || b.last_probe().is_some_and(|p| p.ok);
+            if backends.iter().filter(serving).any(|b| proven(&b)) {
+                continue;
             }
+            if checked && backends.iter().all(|b| b.last_probe().is_none()) {
+                return (
+                    false,
+                    format!("listener '{}': waiting for the first health checks", s.name),
+                );
+            }
+            return (false, format!("listener '{}' has no backend up", s.name));
         }
         (true, "ready".into())
     }
