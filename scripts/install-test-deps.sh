@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs when missing: redis-server and
-# redis-tools from Debian, for the redis-benchmark test.
+# Installs what the test suite needs when missing, from Debian: redis-server
+# and redis-tools for the redis-benchmark test, prometheus for promtool,
+# which checks the /metrics exposition. Uses apt-get: needs root (or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     if [ "$(id -u)" = 0 ]; then
@@ -16,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
         sudo apt-get update -qq
         sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     else
-        echo "warning: cannot install ${need[*]} (not root, no sudo): the redis test will be skipped" >&2
+        echo "warning: cannot install ${need[*]} (not root, no sudo): the tests that need them will be skipped" >&2
     fi
 fi
 

@@ -257,19 +257,29 @@ async fn token_is_required_off_loopback() {
     // Routing only: nothing is bound off loopback in tests.
     let exposed: SocketAddr = "0.0.0.0:9901".parse().unwrap();
     let open = tcplb::Admin::new(lb.handle.clone(), registry(), None, exposed);
-    assert_eq!(open.route(&post, "/backends/drain", Some(&query), None).0, 403);
-    assert_eq!(open.route(&hyper::Method::GET, "/healthz", None, None).0, 200, "reads stay open");
+    assert_eq!(open.route(&post, "/backends/drain", Some(&query), None, None).0, 403);
+    assert_eq!(
+        open.route(&hyper::Method::GET, "/healthz", None, None, None).0,
+        200,
+        "reads stay open"
+    );
 
     let guarded = tcplb::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), exposed);
-    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), None).0, 401);
-    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer wrong")).0, 401);
-    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer s3cret")).0, 200);
+    assert_eq!(guarded.route(&post, "/backends/drain", Some(&query), None, None).0, 401);
+    assert_eq!(
+        guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer wrong"), None).0,
+        401
+    );
+    assert_eq!(
+        guarded.route(&post, "/backends/drain", Some(&query), Some("Bearer s3cret"), None).0,
+        200
+    );
     assert!(lb.backends[0].is_draining());
 
     // On loopback without a token, POSTs are allowed.
     let local =
         tcplb::Admin::new(lb.handle.clone(), registry(), None, "127.0.0.1:9901".parse().unwrap());
-    assert_eq!(local.route(&post, "/backends/enable", Some(&query), None).0, 200);
+    assert_eq!(local.route(&post, "/backends/enable", Some(&query), None, None).0, 200);
     assert!(!lb.backends[0].is_draining());
 }
 
@@ -283,16 +293,19 @@ async fn head_probes_and_the_bearer_scheme_in_any_case() {
     let loopback: SocketAddr = "127.0.0.1:9901".parse().unwrap();
     let admin = tcplb::Admin::new(lb.handle.clone(), registry(), Some("s3cret".into()), loopback);
     // Load balancers and kubelets probe with HEAD.
-    assert_eq!(admin.route(&head, "/healthz", None, None).0, 200);
-    assert_eq!(admin.route(&head, "/readyz", None, None).0, 200);
+    assert_eq!(admin.route(&head, "/healthz", None, None, None).0, 200);
+    assert_eq!(admin.route(&head, "/readyz", None, None, None).0, 200);
     // RFC 7235: the scheme is case-insensitive; the token is not.
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth = format!("{scheme} s3cret");
-        assert_eq!(admin.route(&post, "/backends/enable", Some(&query), Some(&auth)).0, 200);
+        assert_eq!(admin.route(&post, "/backends/enable", Some(&query), Some(&auth), None).0, 200);
     }
-    assert_eq!(admin.route(&post, "/backends/enable", Some(&query), Some("Bearer S3CRET")).0, 401);
+    assert_eq!(
+        admin.route(&post, "/backends/enable", Some(&query), Some("Bearer S3CRET"), None).0,
+        401
+    );
     // With a token set, it is required on loopback too.
-    assert_eq!(admin.route(&post, "/backends/enable", Some(&query), None).0, 401);
+    assert_eq!(admin.route(&post, "/backends/enable", Some(&query), None, None).0, 401);
 }
 
 #[derive(Debug)]
@@ -389,4 +402,39 @@ async fn histograms_in_the_scrape_are_valid() {
     assert_eq!(code, 200);
     check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(text.contains("tcplb_connect_duration_seconds_count{listener=\"test\"} 9"), "{text}");
+}
+
+/// Prometheus's own checker accepts the classic format, and a scraper that
+/// asks for OpenMetrics gets it. promtool comes from Debian's `prometheus`
+/// (scripts/install-test-deps.sh); skipped loudly without it, except in CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_scrape_and_openmetrics_is_negotiated() {
+    let (a, _) = tag_backend("A").await;
+    let lb = start(with_admin(listener(&[a]))).await;
+    read_all_from(lb.addr).await;
+    let admin = lb.admin.unwrap();
+    let open = "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n";
+    let (_, openmetrics) = http_request(admin, "GET", "/metrics", open).await;
+    assert!(openmetrics.ends_with("# EOF\n"), "OpenMetrics asked for: {openmetrics}");
+    let (_, classic) = http_request(admin, "GET", "/metrics", "").await;
+    assert!(!classic.contains("# EOF"));
+    assert!(classic.contains("# TYPE tcplb_connections_total counter"), "{classic}");
+
+    let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(std::env::var_os("CI").is_none(), "promtool missing in CI");
+        eprintln!("SKIPPED: promtool not installed (scripts/install-test-deps.sh installs it)");
+        return;
+    };
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(classic.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{classic}");
 }

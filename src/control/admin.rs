@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::HealthCheck;
 use crate::control::handle::Handle;
+use crate::control::metrics;
 use crate::io::is_resource_exhaustion;
 use crate::upstream::Backend;
 
@@ -87,24 +88,31 @@ impl Admin {
         Admin { handle, registry, token, exposed }
     }
 
-    /// Answers one request (pure routing, no I/O): status, content type, body.
+    /// Answers one request (pure routing, no I/O): status, content type,
+    /// body. `accept` is the request's Accept header: `/metrics` answers in
+    /// OpenMetrics when it asks for that, else in Prometheus's classic text
+    /// format (0.0.4), as exporters negotiate.
     pub fn route(
         &self,
         method: &Method,
         path: &str,
         query: Option<&str>,
         authorization: Option<&str>,
+        accept: Option<&str>,
     ) -> (StatusCode, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
         const JSON: &str = "application/json";
         // HEAD is GET without the body (hyper leaves the body out).
         let method = if *method == Method::HEAD { &Method::GET } else { method };
         match (method, path) {
-            (&Method::GET, "/metrics") => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::control::metrics::encode(&self.registry),
-            ),
+            (&Method::GET, "/metrics") => {
+                let text = metrics::encode(&self.registry);
+                if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+                    (StatusCode::OK, metrics::OPENMETRICS, text)
+                } else {
+                    (StatusCode::OK, metrics::CLASSIC, metrics::to_classic(&text))
+                }
+            }
             (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".into()),
             (&Method::GET, "/readyz") => {
                 let (ready, why) = self.readiness();
@@ -325,9 +333,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
 }
 
 fn answer(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let auth = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let (auth, accept) = (header(hyper::header::AUTHORIZATION), header(hyper::header::ACCEPT));
     let (code, content_type, body) =
-        admin.route(req.method(), req.uri().path(), req.uri().query(), auth);
+        admin.route(req.method(), req.uri().path(), req.uri().query(), auth, accept);
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = code;
     resp.headers_mut()
