@@ -18,6 +18,21 @@ pub static SPLICED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static WORKER_HANDOFFS: AtomicU64 = AtomicU64::new(0);
 /// Splice pipes open now: carrying bytes or pooled.
 pub static SPLICE_PIPES: AtomicU64 = AtomicU64::new(0);
+/// Accepted connections that had to wait for a slot under `max_connections`.
+pub static CONNECTIONS_LIMITED: AtomicU64 = AtomicU64::new(0);
+/// Reloads applied since start.
+pub static RELOADS_APPLIED: AtomicU64 = AtomicU64::new(0);
+/// Reloads rejected since start (an invalid file, a failed resolve or bind).
+pub static RELOADS_FAILED: AtomicU64 = AtomicU64::new(0);
+/// When the configuration was last applied, start included (Unix seconds).
+pub static LAST_RELOAD_SUCCESS: AtomicU64 = AtomicU64::new(0);
+
+/// Records that a configuration was applied now (the first one at start).
+pub fn record_reload_success() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    LAST_RELOAD_SUCCESS.store(now.map_or(0, |d| d.as_secs()), Ordering::Relaxed);
+}
+
 /// Log lines dropped because the log writer's buffer was full (its reader
 /// stalled); copied from the writer's own counter about once a second.
 pub static LOG_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);

@@ -438,3 +438,37 @@ async fn promtool_accepts_the_scrape_and_openmetrics_is_negotiated() {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{classic}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_build_and_reload_metrics() {
+    let (a, _) = tag_backend("A").await;
+    let config = with_admin(listener(&[a]));
+    let lb = start(config.clone()).await;
+    let admin = lb.admin.unwrap();
+    let m = scrape(admin).await;
+    assert!(get(&m, "process_cpu_seconds_total", &[]) >= 0.0);
+    assert!(get(&m, "process_resident_memory_bytes", &[]) > 1e6);
+    let fds = get(&m, "process_open_fds", &[]);
+    assert!(fds > 3.0 && fds <= get(&m, "process_max_fds", &[]), "{fds}");
+    let started = get(&m, "process_start_time_seconds", &[]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert!((now.as_secs_f64() - started).abs() < 600.0, "started at {started}");
+    assert_eq!(get(&m, "tcplb_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert!(get(&m, "tcplb_last_reload_success_timestamp_seconds", &[]) >= started.floor());
+
+    // One reload that applies (the same listener, on its bound address) and
+    // one that cannot. (The counters are the process's: compare, not equal.)
+    let reloads = |m: &Samples, result| get(m, "tcplb_reloads_total", &[("result", result)]);
+    let (ok, failed) = (reloads(&m, "success"), reloads(&m, "failure"));
+    let mut same = config.clone();
+    same.listeners[0].listen = vec![lb.addr];
+    same.admin.as_mut().unwrap().listen = admin;
+    lb.handle.reload(same.clone()).await.unwrap();
+    let mut unsafe_proxy = same;
+    unsafe_proxy.listeners[0].accept_proxy = true;
+    unsafe_proxy.listeners[0].deny = vec![tcplb::config::parse_cidr("10.0.0.0/8").unwrap()];
+    assert!(lb.handle.reload(unsafe_proxy).await.is_err());
+    let m = scrape(admin).await;
+    assert_eq!(reloads(&m, "success"), ok + 1.0);
+    assert_eq!(reloads(&m, "failure"), failed + 1.0);
+}

@@ -223,13 +223,16 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 // another worker's client waits.)
                 let permit = match Arc::clone(&ctx.limit).try_acquire_owned() {
                     Ok(p) => p,
-                    Err(_) => tokio::select! {
-                        p = Arc::clone(&ctx.limit).acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        },
-                        _ = ctx.stop.cancelled() => return,
-                    },
+                    Err(_) => {
+                        crate::stats::CONNECTIONS_LIMITED.fetch_add(1, Ordering::Relaxed);
+                        tokio::select! {
+                            p = Arc::clone(&ctx.limit).acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
+                            _ = ctx.stop.cancelled() => return,
+                        }
+                    }
                 };
                 if failures > 0 && last_failure.elapsed() >= BURST_GAP {
                     info!(listener = %svc.name, failed = failures, "accepting again");

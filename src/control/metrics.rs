@@ -14,8 +14,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::stats::{
-    Histogram, ACCEPT_ERRORS, CONNECTION_PANICS, LOG_LINES_DROPPED, SPLICED_BYTES, SPLICE_PIPES,
-    SYNTHESIZED, WORKER_HANDOFFS,
+    Histogram, ACCEPT_ERRORS, CONNECTIONS_LIMITED, CONNECTION_PANICS, LAST_RELOAD_SUCCESS,
+    LOG_LINES_DROPPED, RELOADS_APPLIED, RELOADS_FAILED, SPLICED_BYTES, SPLICE_PIPES, SYNTHESIZED,
+    WORKER_HANDOFFS,
 };
 use crate::upstream::{ConnectFailure, Service};
 
@@ -43,6 +44,53 @@ pub fn registry(source: impl Source) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(LiveCollector { source }));
     r
+}
+
+/// The standard process metrics (as every Prometheus client library
+/// exports them), read from /proc at scrape time; left out when /proc
+/// cannot be read.
+fn encode_process(encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let Ok(me) = procfs::process::Process::myself() else { return Ok(()) };
+    let Ok(stat) = me.stat() else { return Ok(()) };
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    let cpu = (stat.utime + stat.stime) as f64 / ticks;
+    let mut m = encoder.encode_descriptor(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds.",
+        None,
+        MetricType::Counter,
+    )?;
+    m.encode_counter::<NoLabelSet, _, u64>(&cpu, None)?;
+    let start =
+        procfs::boot_time_secs().ok().map(|boot| boot as f64 + stat.starttime as f64 / ticks);
+    let max_fds = me.limits().ok().and_then(|l| match l.max_open_files.soft_limit {
+        procfs::process::LimitValue::Value(n) => Some(n as f64),
+        procfs::process::LimitValue::Unlimited => None,
+    });
+    let gauges = [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            Some((stat.rss * procfs::page_size()) as f64),
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            me.fd_count().ok().map(|n| n as f64),
+        ),
+        ("process_max_fds", "Maximum number of open file descriptors.", max_fds),
+        (
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds.",
+            start,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        if let Some(v) = value {
+            encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&v)?;
+        }
+    }
+    Ok(())
 }
 
 /// The OpenMetrics content type.
@@ -285,6 +333,37 @@ impl<S: Source> Collector for LiveCollector<S> {
             MetricType::Counter,
             std::iter::once((Vec::new(), CONNECTION_PANICS.load(Ordering::Relaxed))),
         )?;
+        family(
+            &mut encoder,
+            "tcplb_connections_limited",
+            "Accepted connections that waited for a slot under max_connections.",
+            MetricType::Counter,
+            std::iter::once((Vec::new(), CONNECTIONS_LIMITED.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_reloads",
+            "Configuration reloads, by result (a rejected file or a failed resolve or bind: failure).",
+            MetricType::Counter,
+            [("success", &RELOADS_APPLIED), ("failure", &RELOADS_FAILED)]
+                .into_iter()
+                .map(|(result, n)| (vec![("result", result)], n.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_last_reload_success_timestamp_seconds",
+            "When the configuration was last applied, start included (Unix time).",
+            MetricType::Gauge,
+            std::iter::once((Vec::new(), LAST_RELOAD_SUCCESS.load(Ordering::Relaxed))),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_build_info",
+            "1, labelled with the version of this build.",
+            MetricType::Gauge,
+            std::iter::once((vec![("version", env!("CARGO_PKG_VERSION"))], 1)),
+        )?;
+        encode_process(&mut encoder)?;
         family(
             &mut encoder,
             "tcplb_log_lines_dropped",

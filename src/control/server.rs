@@ -29,6 +29,7 @@ use crate::control::discovery::{self, Resolve, SystemResolver};
 use crate::control::handle::{Control, Handle, ServerView};
 use crate::control::reload::assemble;
 use crate::control::{admin, metrics, probe, Error};
+use crate::stats;
 use crate::upstream::{Backend, Pool, Service};
 
 /// Bound sockets of one listener, keyed by their configured address: one
@@ -128,6 +129,7 @@ impl Server {
     /// connections finish for up to the drain timeout, closes the rest and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let handle = self.handle();
+        stats::record_reload_success();
         let kill = CancellationToken::new();
         let workers = match Workers::start(self.config.workers(), self.config.worker_balance, &kill)
         {
@@ -174,8 +176,15 @@ impl Server {
                     Control::Reload(config, reply) => {
                         let result = running.reload(*config).await;
                         match &result {
-                            Ok(summary) => info!("{summary}"),
-                            Err(e) => warn!(error = %e, "reload failed: keeping the running configuration"),
+                            Ok(summary) => {
+                                info!("{summary}");
+                                stats::RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
+                                stats::record_reload_success();
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "reload failed: keeping the running configuration");
+                                stats::RELOADS_FAILED.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         let _ = reply.send(result);
                     }

@@ -91,6 +91,7 @@ async fn reload_on_hangup(
         info!(file = %path.display(), "SIGHUP: reloading");
         match crate::config::file::load(path) {
             Err(problems) => {
+                crate::stats::RELOADS_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 for p in &problems.0 {
                     error!("{p}");
                 }
