@@ -52,7 +52,7 @@ pub struct Cli {
 
     /// Read listeners and settings from this TOML file (SIGHUP reloads it);
     /// excludes the listener flags below.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "TCPLB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// Validate the configuration (file or flags), print every problem, and exit
@@ -60,14 +60,17 @@ pub struct Cli {
     #[arg(long)]
     pub check: bool,
 
-    /// Address to accept clients on, IPv4 or IPv6 (e.g. 0.0.0.0:80, [::]:80). Repeatable.
-    #[arg(long, conflicts_with = "config", value_name = "ADDR", required_unless_present = "config", value_parser = config::parse_listen)]
-    pub listen: Vec<SocketAddr>,
+    /// Address to accept clients on: IP:PORT, [IPV6]:PORT, :PORT (every IPv4
+    /// address) or HOST:PORT (every address the name resolves to). Repeatable.
+    #[arg(long, env = "TCPLB_LISTEN", value_delimiter = ',', conflicts_with = "config", value_name = "ADDR", required_unless_present = "config", value_parser = config::parse_listen_all)]
+    pub listen: Vec<config::ListenAddrs>,
 
     /// Backend as HOST:PORT[,weight=N][,backup][,max-connections=N][,send-proxy=v1|v2].
     /// Repeatable. A host name becomes one backend per address it resolves to.
     #[arg(
         long,
+        env = "TCPLB_UPSTREAM",
+        value_delimiter = ' ',
         conflicts_with = "config",
         value_name = "HOST:PORT",
         required_unless_present = "config"
@@ -75,82 +78,82 @@ pub struct Cli {
     pub upstream: Vec<Upstream>,
 
     /// Limit on each connect to a backend.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT))]
+    #[arg(long, env = "TCPLB_CONNECT_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT))]
     pub connect_timeout: HumanDuration,
 
     /// How many distinct backends one client connection may try before giving up.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_CONNECT_ATTEMPTS, value_parser = config::parse_positive)]
+    #[arg(long, env = "TCPLB_CONNECT_ATTEMPTS", conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_CONNECT_ATTEMPTS, value_parser = config::parse_positive)]
     pub connect_attempts: usize,
 
     /// Close a connection with no bytes either way for this long (0 disables).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_IDLE_TIMEOUT))]
+    #[arg(long, env = "TCPLB_IDLE_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_IDLE_TIMEOUT))]
     pub idle_timeout: HumanDuration,
 
     /// Close a half-closed connection (one side sent FIN) idle for this long (0: idle timeout only).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HALF_CLOSE_TIMEOUT))]
+    #[arg(long, env = "TCPLB_HALF_CLOSE_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HALF_CLOSE_TIMEOUT))]
     pub half_close_timeout: HumanDuration,
 
     /// After SIGTERM/SIGINT, how long established connections may run before they are closed.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DRAIN_TIMEOUT))]
+    #[arg(long, env = "TCPLB_DRAIN_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DRAIN_TIMEOUT))]
     pub drain_timeout: HumanDuration,
 
     /// Limit of concurrent client connections; at the limit new clients wait in the kernel backlog.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_parser = config::parse_positive)]
+    #[arg(long, env = "TCPLB_MAX_CONNECTIONS", conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_parser = config::parse_positive)]
     pub max_connections: usize,
 
     /// What tcplb may say when no backend can be reached: auto answers HTTP
     /// clients with 502/503/504 and closes others; tcp never writes a byte.
-    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_PROTOCOL)]
+    #[arg(long, env = "TCPLB_PROTOCOL", conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_PROTOCOL)]
     pub protocol: Protocol,
 
     /// On the failure path, how long to wait for a silent client's first bytes.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PEEK_TIMEOUT))]
+    #[arg(long, env = "TCPLB_PEEK_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PEEK_TIMEOUT))]
     pub peek_timeout: HumanDuration,
 
     /// With --accept-proxy, how long a client may take to send its whole PROXY header.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PROXY_HEADER_TIMEOUT))]
+    #[arg(long, env = "TCPLB_PROXY_HEADER_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PROXY_HEADER_TIMEOUT))]
     pub proxy_header_timeout: HumanDuration,
 
     /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
-    #[arg(long, conflicts_with = "config", value_name = "CHECK", default_value_t = config::DEFAULT_HEALTH_CHECK)]
+    #[arg(long, env = "TCPLB_HEALTH_CHECK", conflicts_with = "config", value_name = "CHECK", default_value_t = config::DEFAULT_HEALTH_CHECK)]
     pub health_check: HealthCheck,
 
     /// Time between two probes of one backend.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_INTERVAL))]
+    #[arg(long, env = "TCPLB_HEALTH_INTERVAL", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_INTERVAL))]
     pub health_interval: HumanDuration,
 
     /// Limit on one probe.
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_TIMEOUT))]
+    #[arg(long, env = "TCPLB_HEALTH_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_HEALTH_TIMEOUT))]
     pub health_timeout: HumanDuration,
 
     /// Consecutive successful probes that bring a down backend up.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_RISE, value_parser = config::parse_threshold)]
+    #[arg(long, env = "TCPLB_RISE", conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_RISE, value_parser = config::parse_threshold)]
     pub rise: u32,
 
     /// Consecutive failures (probes or real connects) that take an up backend down.
-    #[arg(long, conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_FALL, value_parser = config::parse_threshold)]
+    #[arg(long, env = "TCPLB_FALL", conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_FALL, value_parser = config::parse_threshold)]
     pub fall: u32,
 
     /// Health probes start with the backend's PROXY header (HAProxy's check-send-proxy).
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, env = "TCPLB_HEALTH_SEND_PROXY", conflicts_with = "config")]
     pub health_send_proxy: bool,
 
     /// How backends are chosen.
-    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_STRATEGY)]
+    #[arg(long, env = "TCPLB_STRATEGY", conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_STRATEGY)]
     pub strategy: StrategyKind,
 
     /// Send a PROXY protocol header (v1 or v2) to every backend before the
     /// client's bytes; `send-proxy=` on an upstream overrides it.
-    #[arg(long, conflicts_with = "config", value_name = "VERSION", value_parser = config::parse_proxy_version)]
+    #[arg(long, env = "TCPLB_SEND_PROXY", conflicts_with = "config", value_name = "VERSION", value_parser = config::parse_proxy_version)]
     pub send_proxy: Option<ProxyVersion>,
 
     /// Expect a PROXY protocol header (v1 or v2) from every client (a load
     /// balancer in front); connections without a valid one are closed.
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, env = "TCPLB_ACCEPT_PROXY", conflicts_with = "config")]
     pub accept_proxy: bool,
 
     /// Re-resolve upstream host names this often (0 disables).
-    #[arg(long, conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DNS_REFRESH))]
+    #[arg(long, env = "TCPLB_DNS_REFRESH", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_DNS_REFRESH))]
     pub dns_refresh: HumanDuration,
 
     /// Forward with splice(2) through a 1 MiB pipe (zero copy): auto
@@ -159,53 +162,59 @@ pub struct Cli {
     /// when 1 MiB moves in 64 reads or fewer (bulk), and back to copying
     /// after 64 reads that moved less (small messages); on from the first
     /// byte; off always copies through user space.
-    #[arg(long, conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_SPLICE)]
+    #[arg(long, env = "TCPLB_SPLICE", conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_SPLICE)]
     pub splice: SpliceMode,
 
     /// Serve only clients in this network (CIDR or address). Repeatable.
-    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
+    #[arg(long, env = "TCPLB_ALLOW", value_delimiter = ',', conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
     pub allow: Vec<ipnet::IpNet>,
 
     /// Close clients in this network right after accept (wins over --allow). Repeatable.
-    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
+    #[arg(long, env = "TCPLB_DENY", value_delimiter = ',', conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr)]
     pub deny: Vec<ipnet::IpNet>,
 
     /// With --accept-proxy, only peers in this network may send a PROXY
     /// header; others are closed unread. Repeatable. Required with
     /// --allow/--deny, which then judge the client the header names.
-    #[arg(long, conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr, requires = "accept_proxy")]
+    #[arg(long, env = "TCPLB_ACCEPT_PROXY_FROM", value_delimiter = ',', conflicts_with = "config", value_name = "CIDR", value_parser = config::parse_cidr, requires = "accept_proxy")]
     pub accept_proxy_from: Vec<ipnet::IpNet>,
 
     /// Serve the admin endpoint (metrics, /readyz, /status, drain/enable) here;
     /// keep it on loopback.
-    #[arg(long, conflicts_with = "config", value_name = "ADDR", value_parser = config::parse_listen)]
+    #[arg(long, env = "TCPLB_ADMIN", conflicts_with = "config", value_name = "ADDR", value_parser = config::parse_listen)]
     pub admin: Option<SocketAddr>,
 
     /// File holding the bearer token that admin POSTs must present; required
     /// for them when --admin is not on loopback.
-    #[arg(long, conflicts_with = "config", value_name = "FILE", requires = "admin")]
+    #[arg(
+        long,
+        env = "TCPLB_ADMIN_TOKEN_FILE",
+        conflicts_with = "config",
+        value_name = "FILE",
+        requires = "admin"
+    )]
     pub admin_token_file: Option<PathBuf>,
 
     /// One access-log event per finished connection (info, target tcplb::access).
-    #[arg(long, conflicts_with = "config", value_enum, default_value_t = Switch::from(config::DEFAULT_ACCESS_LOG))]
+    #[arg(long, env = "TCPLB_ACCESS_LOG", conflicts_with = "config", value_enum, default_value_t = Switch::from(config::DEFAULT_ACCESS_LOG))]
     pub access_log: Switch,
 
     /// Data-plane worker threads, each with its own SO_REUSEPORT socket per
     /// listen address (default: one per CPU core).
-    #[arg(long, value_name = "N", value_parser = config::parse_positive)]
+    #[arg(long, env = "TCPLB_THREADS", value_name = "N", value_parser = config::parse_positive)]
     pub threads: Option<usize>,
 
     /// How new connections are spread over the worker threads [default: fewest]
-    #[arg(long, value_enum, value_name = "MODE")]
+    #[arg(long, env = "TCPLB_WORKER_BALANCE", value_enum, value_name = "MODE")]
     pub worker_balance: Option<WorkerBalance>,
 
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "TCPLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     /// When not given, RUST_LOG is used, then "info".
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, env = "TCPLB_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 }
 
@@ -278,7 +287,14 @@ impl Cli {
         if self.connect_timeout.0.is_zero() {
             return Err("--connect-timeout must be more than 0".into());
         }
-        let mut listener = ListenerConfig::new("default", self.listen, self.upstream);
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        for a in self.listen.into_iter().flat_map(|l| l.0) {
+            if listen.contains(&a) && a.port() != 0 {
+                return Err(format!("--listen {a} is given twice"));
+            }
+            listen.push(a);
+        }
+        let mut listener = ListenerConfig::new("default", listen, self.upstream);
         listener.connect_timeout = self.connect_timeout.0;
         listener.connect_attempts = self.connect_attempts;
         listener.idle_timeout = (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0);

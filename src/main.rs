@@ -18,17 +18,19 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("tcplb: {} (see tcplb --help)", one_line(&e.render().to_string()));
+            let line = format!("{} (see tcplb --help)", one_line(&e.render().to_string()));
+            Report { json: json_asked() }.error(line.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
+    let report = Report { json: cli.log_format == LogFormat::Json };
     if let Some(command) = &cli.command {
         return generate(command);
     }
     let filter = match log_filter(cli.log_level.as_deref()) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("tcplb: error: {e:#}");
+            report.error(&format!("{e:#}"));
             return ExitCode::from(2);
         }
     };
@@ -40,7 +42,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(problems) => {
             for line in problems.lines() {
-                eprintln!("tcplb: error: {line}");
+                report.error(line);
             }
             return ExitCode::from(2);
         }
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tcplb: error: cannot start the runtime: {e}");
+            report.error(&format!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -73,11 +75,40 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("tcplb: error: {e}");
+                report.error(&e.to_string());
                 ExitCode::from(if e.is_usage() { 2 } else { 1 })
             }
         }
     })
+}
+
+/// Writes an error that stops tcplb: one line on stderr, and under
+/// `--log-format json` a JSON object like every other log line.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    /// `--log-format json` was given.
+    json: bool,
+}
+
+impl Report {
+    fn error(self, message: &str) {
+        if self.json {
+            let line =
+                serde_json::json!({ "level": "ERROR", "target": "tcplb", "message": message });
+            eprintln!("{line}");
+        } else {
+            eprintln!("tcplb: error: {message}");
+        }
+    }
+}
+
+/// Whether JSON logs were asked for, read from the raw arguments and the
+/// environment (for errors found before the command line could be parsed).
+fn json_asked() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = args.windows(2).any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    flag || std::env::var("TCPLB_LOG_FORMAT").is_ok_and(|v| v == "json")
 }
 
 /// Prints completions or the man page, from the clap definition.

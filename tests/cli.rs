@@ -50,10 +50,51 @@ fn missing_upstream() {
 #[test]
 fn bad_listen_address() {
     assert_error(
-        &["--listen", "localhost:80", "--upstream", "127.0.0.1:80"],
+        &["--listen", "127.0.0.1", "--upstream", "127.0.0.1:80"],
         2,
-        &["localhost:80", "IP:PORT"],
+        &["127.0.0.1", "IP:PORT"],
     );
+    assert_error(
+        &["--listen", "127.0.0.1:5", "--listen", "127.0.0.1:5", "--upstream", "127.0.0.1:80"],
+        2,
+        &["127.0.0.1:5", "twice"],
+    );
+}
+
+/// `:PORT`, `HOST:PORT` and the environment, as people write addresses and
+/// configure sidecars; under JSON logs, errors are JSON too.
+#[test]
+fn addresses_and_settings_as_people_write_them() {
+    let echo = common::thread_echo_server().to_string();
+    for listen in [":0", "localhost:0"] {
+        let (_child, addr, _rx) = spawn_listening_on(listen, &echo, &[]);
+        let port = addr.rsplit_once(':').unwrap().1;
+        let mut c = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        std::io::Write::write_all(&mut c, b"hi").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut c, &mut back).unwrap();
+        assert_eq!(back, b"hi", "--listen {listen}");
+    }
+
+    let out = Command::new(BIN)
+        .arg("--check")
+        .env_remove("RUST_LOG")
+        .env("TCPLB_LISTEN", "127.0.0.1:0")
+        .env("TCPLB_UPSTREAM", "127.0.0.1:1 127.0.0.1:2,weight=2")
+        .env("TCPLB_STRATEGY", "least-connections")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for args in [&["--listen", "nope", "--upstream", "127.0.0.1:1"][..], &["--bogus"]] {
+        let out = Command::new(BIN).args(args).args(["--log-format", "json"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("a JSON line");
+        assert_eq!(v["level"], "ERROR", "{stderr}");
+        assert!(v["message"].as_str().unwrap().contains(args[0].trim_start_matches('-')));
+    }
 }
 
 #[test]

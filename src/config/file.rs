@@ -12,8 +12,9 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::{
-    parse_cidr, parse_duration, parse_listen, parse_proxy_version, AdminConfig, Config,
-    HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream, WorkerBalance,
+    parse_cidr, parse_duration, parse_listen, parse_listen_all, parse_proxy_version, AdminConfig,
+    Config, HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream,
+    WorkerBalance,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -302,8 +303,8 @@ impl Validator<'_> {
         }
         let mut out = Vec::new();
         for item in items {
-            match item.as_str().map(parse_listen) {
-                Some(Ok(a)) => out.push(a),
+            match item.as_str().map(parse_listen_all) {
+                Some(Ok(a)) => out.extend(a.0),
                 Some(Err(e)) => self.error(v.span(), format!("listen: {e}")),
                 None => {
                     self.error(v.span(), "listen addresses must be strings like \"0.0.0.0:80\"")

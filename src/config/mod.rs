@@ -634,11 +634,46 @@ fn parse_port(p: &str) -> Result<u16, String> {
     }
 }
 
-/// Parses a listen address: `IP:PORT` or `[IPV6]:PORT` (port 0 picks a free one).
+/// Parses a listen address: `IP:PORT`, `[IPV6]:PORT`, or `:PORT` for every
+/// IPv4 address (as nginx's and HAProxy's `:PORT`); port 0 picks a free one.
+/// Host names are [`parse_listen_all`]'s.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>().map_err(|_| {
-        format!("'{s}' is not an address: expected IP:PORT such as 0.0.0.0:80 or [::]:80")
-    })
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match s.strip_prefix(':').map(str::parse::<u16>) {
+        Some(Ok(port)) => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        _ => Err(format!(
+            "'{s}' is not an address: expected IP:PORT such as 0.0.0.0:80, [::]:80, :80 or localhost:80"
+        )),
+    }
+}
+
+/// Every address one `listen` value names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+/// Like [`parse_listen`], and `HOST:PORT` too (`localhost:8080`): every
+/// address the name resolves to, as nginx binds them.
+pub fn parse_listen_all(s: &str) -> Result<ListenAddrs, String> {
+    let bad = parse_listen(s).map(|a| ListenAddrs(vec![a]));
+    let Err(e) = bad else { return bad };
+    let Some((host, port)) = s.rsplit_once(':') else { return Err(e) };
+    let valid = !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let Ok(port) = port.parse::<u16>() else { return Err(e) };
+    if !valid {
+        return Err(e);
+    }
+    let mut addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|r| format!("listen address '{s}': cannot resolve {host}: {r}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("listen address '{s}': {host} resolves to no address"));
+    }
+    Ok(ListenAddrs(addrs))
 }
 
 /// Longest duration accepted anywhere: deadlines are computed as now + d.
