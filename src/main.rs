@@ -48,6 +48,16 @@ fn main() -> ExitCode {
         }
     };
     if check {
+        let problems = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(tcplb::Server::preflight(&config)),
+            Err(e) => vec![format!("cannot start the runtime: {e}")],
+        };
+        if !problems.is_empty() {
+            for p in &problems {
+                report.error(p);
+            }
+            return ExitCode::from(2);
+        }
         let what = config_path.as_ref().map_or("flags".into(), |p| p.display().to_string());
         println!("{what}: OK ({} listener(s))", config.listeners.len());
         return ExitCode::SUCCESS;

@@ -28,6 +28,29 @@ fn the_annotated_example_passes_check() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK (3 listener(s))"));
 }
 
+/// `--check` is a preflight, as `nginx -t` and `haproxy -c`: what would
+/// stop the start is found without starting, all at once, and nothing is bound.
+#[test]
+fn check_resolves_reads_and_finds_clashes_without_binding() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let path = temp_file(
+        "preflight.toml",
+        &format!(
+            "[admin]\nlisten = \"{taken}\"\ntoken_file = \"/nonexistent/token\"\n\
+             [[listener]]\nname = \"a\"\nlisten = \"{taken}\"\nupstreams = [\"no-such-host.invalid:80\"]\n"
+        ),
+    );
+    let out =
+        Command::new(BIN).args(["--config", path.to_str().unwrap(), "--check"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for needle in ["no-such-host.invalid", "/nonexistent/token", "already takes"] {
+        assert!(stderr.contains(needle), "no problem naming {needle:?} in: {stderr}");
+    }
+    // Nothing was bound: the address is still free.
+    drop(TcpListener::bind(taken).expect("--check left the address bound"));
+}
+
 #[test]
 fn check_prints_every_problem_with_its_position() {
     let path = temp_file(

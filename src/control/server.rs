@@ -198,6 +198,61 @@ impl Server {
     }
 }
 
+impl Server {
+    /// What `--check` verifies beyond the configuration's own rules, as
+    /// `nginx -t` and `haproxy -c` do, binding nothing: every upstream name
+    /// resolves, the admin token file is readable, and no two sockets (the
+    /// admin endpoint's included) would claim the same address. Every problem,
+    /// one line each.
+    pub async fn preflight(config: &Config) -> Vec<String> {
+        Self::preflight_with(config, &SystemResolver).await
+    }
+
+    /// Like [`Server::preflight`] with a given resolver.
+    pub async fn preflight_with(config: &Config, resolver: &dyn Resolve) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut claimed: Vec<(SocketAddr, String)> = Vec::new();
+        for cfg in &config.listeners {
+            if let Err(e) = cfg.validate() {
+                problems.push(e);
+            }
+            if let Err(f) = discovery::resolve_all(resolver, &cfg.upstreams, &HashMap::new()).await
+            {
+                problems.push(format!("listener '{}': {f}", cfg.name));
+            }
+            for &addr in &cfg.listen {
+                claimed.push((addr, format!("listener '{}'", cfg.name)));
+            }
+        }
+        if let Some(a) = &config.admin {
+            if let Some(path) = &a.token_file {
+                if let Err(e) = read_token(path) {
+                    problems.push(e.to_string());
+                }
+            }
+            claimed.push((a.listen, "the admin endpoint".into()));
+        }
+        for (i, (addr, who)) in claimed.iter().enumerate() {
+            let clash = claimed[..i].iter().find(|(other, _)| overlaps(*addr, *other));
+            if let Some((other, first)) = clash {
+                problems.push(format!(
+                    "{who} listens on {addr}, which {first} already takes ({other})"
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// Whether two sockets would compete for the same address: the same port,
+/// and the same IP or a wildcard of the same family (port 0 never clashes).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Reads the admin bearer token (surrounding white space trimmed).
 fn read_token(path: &std::path::Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| {
