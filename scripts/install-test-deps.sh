@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs when missing, from Debian: redis-server
 # and redis-tools for the redis-benchmark test, prometheus for promtool,
-# which checks the /metrics exposition. Uses apt-get: needs root (or sudo).
+# which checks the /metrics exposition, chromium for the status page test.
+# Uses apt-get: needs root (or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     if [ "$(id -u)" = 0 ]; then

@@ -3,6 +3,7 @@
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /` | the status page (HTML, self-contained) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when every listener has a backend up; 503 while draining |
@@ -102,6 +103,7 @@ impl Admin {
     ) -> (StatusCode, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
         const JSON: &str = "application/json";
+        const HTML: &str = "text/html; charset=utf-8";
         // HEAD is GET without the body (hyper leaves the body out).
         let method = if *method == Method::HEAD { &Method::GET } else { method };
         match (method, path) {
@@ -113,6 +115,7 @@ impl Admin {
                     (StatusCode::OK, metrics::CLASSIC, metrics::to_classic(&text))
                 }
             }
+            (&Method::GET, "/") => (StatusCode::OK, HTML, STATUS_PAGE.into()),
             (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".into()),
             (&Method::GET, "/readyz") => {
                 let (ready, why) = self.readiness();
@@ -132,7 +135,7 @@ impl Admin {
             }
             (
                 _,
-                "/metrics" | "/healthz" | "/readyz" | "/status" | "/backends/drain"
+                "/" | "/metrics" | "/healthz" | "/readyz" | "/status" | "/backends/drain"
                 | "/backends/enable",
             ) => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
             _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
@@ -234,7 +237,18 @@ impl Admin {
                 })
             })
             .collect();
-        json!({ "draining": self.handle.is_draining(), "listeners": listeners })
+        // What the status page may offer: drain and enable buttons, and
+        // whether they need the token.
+        let posts = match (&self.token, self.exposed) {
+            (Some(_), _) => "token",
+            (None, true) => "disabled",
+            (None, false) => "open",
+        };
+        json!({
+            "draining": self.handle.is_draining(),
+            "admin": { "posts": posts },
+            "listeners": listeners,
+        })
     }
 }
 
@@ -257,7 +271,7 @@ fn backend_json(b: &Backend) -> serde_json::Value {
         json!({
             "ok": p.ok,
             "detail": p.detail,
-            "at_unix_ms": p.at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "at_unix_ms": unix_ms(p.at),
         })
     });
     json!({
@@ -273,8 +287,21 @@ fn backend_json(b: &Backend) -> serde_json::Value {
         "bytes_sent": sent,
         "bytes_received": received,
         "last_check": last_check,
+        "transitions": b.transitions().iter().map(|t| json!({
+            "state": if t.up { "up" } else { "down" },
+            "reason": t.reason,
+            "at_unix_ms": unix_ms(t.at),
+        })).collect::<Vec<_>>(),
     })
 }
+
+fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The status page: one self-contained HTML page (inline style and script,
+/// nothing fetched but /status), so it works offline.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

@@ -70,7 +70,24 @@ pub struct Backend {
     probes: [AtomicU64; 2],
     /// The last probe's result, for the status page (probe path only).
     last_probe: Mutex<Option<ProbeResult>>,
+    /// The last few up/down transitions, newest last, for the status page
+    /// (taken only when the state changes).
+    transitions: Mutex<std::collections::VecDeque<TransitionRecord>>,
 }
+
+/// One up/down change of a backend, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionRecord {
+    /// The new state: true for up.
+    pub up: bool,
+    /// The result that caused it ("connection refused", "HTTP 503", ...).
+    pub reason: String,
+    /// When it happened.
+    pub at: std::time::SystemTime,
+}
+
+/// How many transitions a backend remembers.
+const TRANSITIONS_KEPT: usize = 5;
 
 /// Why a connect to a backend failed (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +164,7 @@ impl Backend {
             bytes_received: AtomicU64::new(0),
             probes: Default::default(),
             last_probe: Mutex::new(None),
+            transitions: Mutex::new(std::collections::VecDeque::new()),
         };
         b.apply(settings);
         b
@@ -274,6 +292,23 @@ impl Backend {
     /// The last probe's result.
     pub fn last_probe(&self) -> Option<ProbeResult> {
         self.last_probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The last few up/down transitions, oldest first.
+    pub fn transitions(&self) -> Vec<TransitionRecord> {
+        self.transitions.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    pub(crate) fn record_transition(&self, up: bool, reason: &str) {
+        let mut t = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == TRANSITIONS_KEPT {
+            t.pop_front();
+        }
+        t.push_back(TransitionRecord {
+            up,
+            reason: reason.to_string(),
+            at: std::time::SystemTime::now(),
+        });
     }
 
     pub(crate) fn record_probe(&self, ok: bool, detail: &str) {

@@ -155,8 +155,10 @@ impl Counter {
     }
 }
 
-/// Logs a transition once, at warn for down and info for up.
+/// Logs a transition once, at warn for down and info for up, and keeps it
+/// in the backend's recent history for the status page.
 pub fn log_transition(listener: &str, backend: &Backend, t: Transition, reason: &str) {
+    backend.record_transition(matches!(t, Transition::Up { .. }), reason);
     match t {
         Transition::Down { after } => warn!(
             listener,
