@@ -16,11 +16,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, ListenerConfig};
 use crate::conn::listener::{self, AcceptContext};
@@ -168,6 +169,10 @@ impl Server {
             tokio::spawn(admin::serve(socket, admin, running.kill.clone()));
         }
 
+        // systemd (Type=notify): ready once every socket is bound and
+        // accepting; a no-op without NOTIFY_SOCKET.
+        let listening = format!("listening: {} listener(s)", running.listeners.len());
+        notify(&[NotifyState::Ready, NotifyState::Status(&listening)]);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -180,10 +185,12 @@ impl Server {
                                 info!("{summary}");
                                 stats::RELOADS_APPLIED.fetch_add(1, Ordering::Relaxed);
                                 stats::record_reload_success();
+                                notify(&[NotifyState::Status(summary)]);
                             }
                             Err(e) => {
                                 warn!(error = %e, "reload failed: keeping the running configuration");
                                 stats::RELOADS_FAILED.fetch_add(1, Ordering::Relaxed);
+                                notify(&[NotifyState::Status(&format!("reload failed: {e}"))]);
                             }
                         }
                         let _ = reply.send(result);
@@ -241,6 +248,14 @@ impl Server {
             }
         }
         problems
+    }
+}
+
+/// Tells systemd (`Type=notify`) how the service is; nothing happens
+/// without NOTIFY_SOCKET, and a failure to tell it changes nothing else.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        debug!(error = %e, "cannot notify systemd");
     }
 }
 
@@ -387,6 +402,7 @@ impl Running {
     /// Stops accepting, waits for connections up to the drain timeout, then
     /// closes what remains.
     async fn drain(self) {
+        notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
         self.view.draining.store(true, Ordering::Relaxed);
         self.stop.cancel();
         // Listeners are closed once their loops return: new connects are refused.
