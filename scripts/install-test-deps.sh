@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs when missing, from Debian: redis-server
 # and redis-tools for the redis-benchmark test, prometheus for promtool,
-# which checks the /metrics exposition, chromium for the status page test.
+# which checks the /metrics exposition, chromium for the status page test,
+# systemd for systemd-analyze; and kubernetes-validate from PyPI.
 # Uses apt-get: needs root (or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,9 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# kubernetes-validate (PyPI) checks the manifests in docs/kubernetes.md.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "installing test dependency: kubernetes-validate (PyPI)"
+    python3 -m pip install --quiet --root-user-action=ignore kubernetes-validate ||
+        echo "warning: cannot install kubernetes-validate: the manifest test will be skipped" >&2
+fi
