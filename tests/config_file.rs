@@ -51,6 +51,47 @@ fn check_resolves_reads_and_finds_clashes_without_binding() {
     drop(TcpListener::bind(taken).expect("--check left the address bound"));
 }
 
+/// Unknown keys and wrong types are all reported, in line order, with a
+/// did-you-mean; an upstream table is a table, not a string in disguise.
+#[test]
+fn check_lists_every_unknown_key_and_wrong_type_in_line_order() {
+    let path = temp_file(
+        "shape.toml",
+        "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:1\"]\n\
+         conect_timeout = \"1s\"\nconnect_attempts = \"3\"\n[listener.health]\nrize = 2\n",
+    );
+    let out =
+        Command::new(BIN).args(["--config", path.to_str().unwrap(), "--check"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].contains(":5:1: unknown key 'conect_timeout'")
+            && lines[0].contains("did you mean 'connect_timeout'"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains(":6:") && lines[1].contains("'connect_attempts' must be an integer"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains(":8:1: unknown key 'rize'") && lines[2].contains("'rise'"),
+        "{stderr}"
+    );
+
+    let path = temp_file(
+        "table.toml",
+        "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n\
+         upstreams = [{ address = \"127.0.0.1:9011,backup,weight=7\" }]\n",
+    );
+    let out =
+        Command::new(BIN).args(["--config", path.to_str().unwrap(), "--check"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must be HOST:PORT alone"), "{stderr}");
+}
+
 #[test]
 fn check_prints_every_problem_with_its_position() {
     let path = temp_file(

@@ -39,6 +39,12 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
 /// Parses and validates `text`; `origin` names it in messages.
 pub fn parse(text: &str, origin: &str) -> Result<Config, Problems> {
     let mut v = Validator { text, origin, problems: Vec::new() };
+    // Every unknown key and wrong type first, all at once; the typed parse
+    // below would stop at the first of them.
+    super::shape::check(text, &mut |span, msg| v.error(span, msg));
+    if !v.problems.is_empty() {
+        return Err(Problems(v.in_line_order()));
+    }
     let raw: RawFile = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -51,7 +57,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, Problems> {
     if v.problems.is_empty() {
         Ok(config)
     } else {
-        Err(Problems(v.problems))
+        Err(Problems(v.in_line_order()))
     }
 }
 
@@ -129,6 +135,19 @@ impl Validator<'_> {
         let line = before.matches('\n').count() + 1;
         let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         self.problems.push(format!("{}:{line}:{col}: {msg}", self.origin));
+    }
+
+    /// The problems sorted by line and column (each starts `FILE:LINE:COL:`).
+    fn in_line_order(self) -> Vec<String> {
+        let origin_len = self.origin.len() + 1;
+        let position = |p: &String| -> (usize, usize) {
+            let mut at = p.get(origin_len..).unwrap_or("").split(':');
+            let mut next = || at.next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+            (next(), next())
+        };
+        let mut problems = self.problems;
+        problems.sort_by_key(position);
+        problems
     }
 
     fn duration(&mut self, s: &Spanned<String>, key: &str) -> Option<Duration> {
@@ -325,6 +344,13 @@ impl Validator<'_> {
             },
             Value::Table(t) => {
                 let mut spec = match t.get("address").and_then(Value::as_str) {
+                    Some(a) if a.contains(',') => {
+                        self.error(
+                            v.span(),
+                            format!("upstream table address '{a}' must be HOST:PORT alone: options have keys of their own (weight = 2, backup = true)"),
+                        );
+                        return None;
+                    }
                     Some(a) => a.to_string(),
                     None => {
                         self.error(v.span(), "upstream table needs 'address = \"HOST:PORT\"'");

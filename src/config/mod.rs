@@ -5,6 +5,7 @@
 //! the bad value. Defaults live here and nowhere else.
 
 pub mod file;
+mod shape;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
