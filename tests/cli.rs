@@ -69,11 +69,7 @@ fn addresses_and_settings_as_people_write_them() {
     for listen in [":0", "localhost:0"] {
         let (_child, addr, _rx) = spawn_listening_on(listen, &echo, &[]);
         let port = addr.rsplit_once(':').unwrap().1;
-        let mut c = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-        std::io::Write::write_all(&mut c, b"hi").unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut c, &mut back).unwrap();
+        let back = common::exchange_std(format!("127.0.0.1:{port}"), b"hi").unwrap();
         assert_eq!(back, b"hi", "--listen {listen}");
     }
 

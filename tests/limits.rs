@@ -166,12 +166,8 @@ fn half_sent_proxy_headers_cost_no_cpu_while_waiting() {
     let used = cpu_ticks(pid) - before;
     assert!(used < 10, "800 clients waiting inside a PROXY header cost {used} ticks in 1.5 s");
 
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.write_all(b"PROXY TCP4 10.1.2.3 10.4.5.6 1111 2222\r\nhello").unwrap();
-    c.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    c.read_to_end(&mut back).unwrap();
-    assert_eq!(back, b"hello");
+    let back = common::exchange_std(addr, b"PROXY TCP4 10.1.2.3 10.4.5.6 1111 2222\r\nhello");
+    assert_eq!(back.unwrap(), b"hello");
     drop(waiting);
 }
 
@@ -192,13 +188,10 @@ fn an_admin_flood_cannot_starve_the_process() {
     }
     // The data plane keeps serving meanwhile.
     for i in 0..20 {
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        c.write_all(format!("ping {i}").as_bytes()).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).unwrap_or_else(|e| panic!("client {i} during the flood: {e}"));
-        assert_eq!(back, format!("ping {i}").as_bytes());
+        let ping = format!("ping {i}");
+        let back = common::exchange_std(addr, ping.as_bytes())
+            .unwrap_or_else(|e| panic!("client {i} during the flood: {e}"));
+        assert_eq!(back, ping.as_bytes());
     }
     // Once the flood's connections time out, /healthz answers again.
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -421,3 +421,16 @@ pub fn pipe_fds() -> usize {
         })
         .count()
 }
+
+/// One blocking exchange: connects to `addr`, sends `bytes`, half-closes and
+/// reads to the end (10 s at most): what an echo behind tcplb sends back.
+pub fn exchange_std(addr: impl std::net::ToSocketAddrs, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(bytes)?;
+    c.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    c.read_to_end(&mut back)?;
+    Ok(back)
+}
