@@ -2,7 +2,8 @@
 # Installs what the test suite needs when missing, from Debian: redis-server
 # and redis-tools for the redis-benchmark test, prometheus for promtool,
 # which checks the /metrics exposition, chromium for the status page test,
-# systemd for systemd-analyze; and kubernetes-validate from PyPI.
+# systemd for systemd-analyze, postgresql and openssl for the health checks
+# that speak PostgreSQL and TLS; and kubernetes-validate from PyPI.
 # Uses apt-get: needs root (or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     if [ "$(id -u)" = 0 ]; then

@@ -114,7 +114,7 @@ pub struct Cli {
     #[arg(long, env = "TCPLB_PROXY_HEADER_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_PROXY_HEADER_TIMEOUT))]
     pub proxy_header_timeout: HumanDuration,
 
-    /// Active probe: tcp (connect), http:/PATH, http://HOST/PATH, or none.
+    /// Active probe: tcp (connect, and no close at once), http:/PATH, http://HOST/PATH, redis, postgres, mysql, smtp, tls, or none.
     #[arg(long, env = "TCPLB_HEALTH_CHECK", conflicts_with = "config", value_name = "CHECK", default_value_t = config::DEFAULT_HEALTH_CHECK)]
     pub health_check: HealthCheck,
 
@@ -313,6 +313,7 @@ impl Cli {
             rise: self.rise,
             fall: self.fall,
             send_proxy: self.health_send_proxy,
+            sni: None,
         };
         listener.strategy = self.strategy;
         listener.send_proxy = self.send_proxy;

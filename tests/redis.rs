@@ -6,43 +6,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
-
-fn have(bin: &str) -> bool {
-    Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_redis() -> (Proc, SocketAddr) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Proc(child), addr)
-}
 
 fn dbsize(addr: SocketAddr) -> u64 {
     let out = Command::new("redis-cli")
@@ -62,8 +28,8 @@ async fn redis_benchmark_through_tcplb() {
         eprintln!("\n*** SKIPPED redis_benchmark_through_tcplb: install redis-server and redis-tools (scripts/install-test-deps.sh does) ***\n");
         return;
     }
-    let (_r1, a) = start_redis();
-    let (_r2, b) = start_redis();
+    let (_r1, a) = start_redis(&[]);
+    let (_r2, b) = start_redis(&[]);
     let lb = start_one(listener(&[a, b])).await;
     let port = lb.addr.port().to_string();
     let out = tokio::task::spawn_blocking(move || {

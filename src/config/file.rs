@@ -13,8 +13,8 @@ use toml::{Spanned, Value};
 
 use super::{
     parse_cidr, parse_duration, parse_listen, parse_listen_all, parse_proxy_version, AdminConfig,
-    Config, HealthCheck, ListenerConfig, Protocol, SpliceMode, StrategyKind, Upstream,
-    WorkerBalance,
+    Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, SpliceMode, StrategyKind,
+    Upstream, WorkerBalance,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -116,6 +116,11 @@ struct RawHealth {
     rise: Option<Spanned<i64>>,
     fall: Option<Spanned<i64>>,
     send_proxy: Option<bool>,
+    send: Option<Spanned<String>>,
+    send_hex: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
+    expect_hex: Option<Spanned<String>>,
+    sni: Option<Spanned<String>>,
 }
 
 /// Collects problems while turning raw values into a [`Config`].
@@ -527,6 +532,73 @@ impl Validator<'_> {
             if let Some(b) = h.send_proxy {
                 listener.health.send_proxy = b;
             }
+            if let Some(name) = &h.sni {
+                match crate::config::parse_server_name(name.get_ref()) {
+                    Ok(n) => listener.health.sni = Some(n),
+                    Err(e) => self.error(name.span(), format!("health sni: {e}")),
+                }
+            }
+            self.send_expect(h, &mut listener.health);
+        }
+    }
+
+    /// `send`/`send_hex` and `expect`/`expect_hex`: a dialogue of the
+    /// user's own, which takes the place of a `tcp` check.
+    fn send_expect(&mut self, h: &RawHealth, health: &mut HealthConfig) {
+        let send = self.bytes(&h.send, &h.send_hex, "send");
+        let expect = self.bytes(&h.expect, &h.expect_hex, "expect");
+        match (send, expect) {
+            (None, None) => {}
+            (Some((span, _)), None) => self.error(
+                span,
+                "health send needs an expect (or expect_hex) to check the answer against",
+            ),
+            (_, Some((span, expect))) if expect.is_empty() => {
+                self.error(span, "health expect is empty: it would match any answer")
+            }
+            (_, Some((span, _)))
+                if !matches!(health.check, HealthCheck::Connect | HealthCheck::Expect { .. }) =>
+            {
+                self.error(
+                    span,
+                    format!(
+                        "health send/expect replace the check, but check = \"{}\" is set too",
+                        health.check
+                    ),
+                )
+            }
+            (send, Some((_, expect))) => {
+                let send = send.map(|(_, b)| b).unwrap_or_default();
+                health.check = HealthCheck::Expect { send, expect };
+            }
+        }
+    }
+
+    /// The bytes of `text` or of `hex` (one of the two), with the span of
+    /// the one given.
+    fn bytes(
+        &mut self,
+        text: &Option<Spanned<String>>,
+        hex: &Option<Spanned<String>>,
+        what: &str,
+    ) -> Option<(Range<usize>, Vec<u8>)> {
+        match (text, hex) {
+            (Some(t), Some(_)) => {
+                self.error(
+                    t.span(),
+                    format!("health {what} and {what}_hex are both set; keep one"),
+                );
+                None
+            }
+            (Some(t), None) => Some((t.span(), t.get_ref().as_bytes().to_vec())),
+            (None, Some(h)) => match crate::config::parse_hex(h.get_ref()) {
+                Ok(b) => Some((h.span(), b)),
+                Err(e) => {
+                    self.error(h.span(), format!("health {what}_hex: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
         }
     }
 }

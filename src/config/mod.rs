@@ -283,6 +283,39 @@ pub fn as_ipv4(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A server name as TLS carries it (`api.example.com`), lower-cased; a
+/// trailing dot is dropped.
+pub fn parse_server_name(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("bad server name '{s}': expected a DNS name such as api.example.com"));
+    }
+    Ok(name)
+}
+
+/// Bytes written as hex (`2a310d0a`, spaces and colons allowed between).
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !matches!(b, b' ' | b':' | b'\t')).collect();
+    if digits.len() % 2 != 0 {
+        return Err(format!("'{s}' has an odd number of hex digits"));
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("'{s}' is not hex: '{}'", String::from_utf8_lossy(pair)))
+        })
+        .collect()
+}
+
 /// Parses a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let t = s.trim();
@@ -322,6 +355,9 @@ pub struct HealthConfig {
     pub fall: u32,
     /// Probes start with the backend's PROXY header (HAProxy's check-send-proxy).
     pub send_proxy: bool,
+    /// The server name a `tls` probe's ClientHello carries (HAProxy's
+    /// check-sni); none when not given.
+    pub sni: Option<String>,
 }
 
 impl Default for HealthConfig {
@@ -333,6 +369,7 @@ impl Default for HealthConfig {
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
             send_proxy: false,
+            sni: None,
         }
     }
 }
@@ -414,6 +451,24 @@ pub enum HealthCheck {
         /// Request target, starting with '/'.
         path: String,
     },
+    /// `PING`; `+PONG` is healthy, and so is `-NOAUTH` (a Redis that wants
+    /// a password is up; the probe has none to give).
+    Redis,
+    /// A PostgreSQL SSLRequest; `S` or `N` is healthy.
+    Postgres,
+    /// MySQL's initial handshake packet, protocol version 10.
+    Mysql,
+    /// An SMTP `220` greeting, answered with `QUIT`.
+    Smtp,
+    /// A ClientHello; a ServerHello (or HelloRetryRequest) is healthy.
+    Tls,
+    /// Bytes sent (possibly none) and bytes that must appear in the answer.
+    Expect {
+        /// Written once connected; empty for a server that speaks first.
+        send: Vec<u8>,
+        /// Looked for in the first 4 KiB of the answer.
+        expect: Vec<u8>,
+    },
 }
 
 impl fmt::Display for HealthCheck {
@@ -424,6 +479,12 @@ impl fmt::Display for HealthCheck {
             HealthCheck::Connect => f.write_str("tcp"),
             HealthCheck::Http { host: Some(host), path } => write!(f, "http://{host}{path}"),
             HealthCheck::Http { host: None, path } => write!(f, "http:{path}"),
+            HealthCheck::Redis => f.write_str("redis"),
+            HealthCheck::Postgres => f.write_str("postgres"),
+            HealthCheck::Mysql => f.write_str("mysql"),
+            HealthCheck::Smtp => f.write_str("smtp"),
+            HealthCheck::Tls => f.write_str("tls"),
+            HealthCheck::Expect { .. } => f.write_str("send/expect"),
         }
     }
 }
@@ -454,6 +515,11 @@ impl FromStr for HealthCheck {
         match s {
             "none" => return Ok(HealthCheck::None),
             "tcp" | "connect" => return Ok(HealthCheck::Connect),
+            "redis" => return Ok(HealthCheck::Redis),
+            "postgres" | "postgresql" | "pgsql" => return Ok(HealthCheck::Postgres),
+            "mysql" => return Ok(HealthCheck::Mysql),
+            "smtp" => return Ok(HealthCheck::Smtp),
+            "tls" | "ssl" => return Ok(HealthCheck::Tls),
             _ => {}
         }
         if let Some(rest) = s.strip_prefix("http://") {
@@ -473,7 +539,8 @@ impl FromStr for HealthCheck {
             return Ok(HealthCheck::Http { host: None, path: path.to_string() });
         }
         Err(format!(
-            "unknown health check '{s}': expected none, tcp, http:/PATH or http://HOST/PATH"
+            "unknown health check '{s}': expected none, tcp, http:/PATH, http://HOST/PATH, \
+             redis, postgres, mysql, smtp or tls"
         ))
     }
 }

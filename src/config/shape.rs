@@ -32,6 +32,11 @@ const HEALTH: &[(&str, Kind)] = &[
     ("rise", Kind::Int),
     ("fall", Kind::Int),
     ("send_proxy", Kind::Bool),
+    ("send", Kind::Str),
+    ("send_hex", Kind::Str),
+    ("expect", Kind::Str),
+    ("expect_hex", Kind::Str),
+    ("sni", Kind::Str),
 ];
 
 const LISTENER: &[(&str, Kind)] = &[

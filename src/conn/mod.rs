@@ -14,4 +14,5 @@ pub mod pipe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod replay;
+pub mod tls;
 pub mod workers;

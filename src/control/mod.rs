@@ -5,6 +5,7 @@
 //! connections read; nothing here is on a connection's path.
 
 pub mod admin;
+pub mod check;
 pub mod discovery;
 pub mod dns;
 pub mod handle;

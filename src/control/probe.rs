@@ -1,5 +1,5 @@
-//! Active health probes: one task per backend, which connects (and for
-//! `http:` checks asks for a path) every interval and feeds the result to
+//! Active health probes: one task per backend, which connects every
+//! interval, holds the check's dialogue (check.rs) and feeds the result to
 //! the backend's rise/fall state.
 
 use std::collections::hash_map::RandomState;
@@ -8,11 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::check;
 use crate::config::{HealthCheck, HealthConfig, ProxyVersion};
 use crate::conn::proxy_protocol;
 use crate::io::describe_io;
@@ -84,7 +85,7 @@ pub async fn probe(
     config: &HealthConfig,
     send_proxy: Option<ProxyVersion>,
 ) -> Result<String, String> {
-    match tokio::time::timeout(config.timeout, probe_inner(addr, &config.check, send_proxy)).await {
+    match tokio::time::timeout(config.timeout, probe_inner(addr, config, send_proxy)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timeout after {}", humantime::format_duration(config.timeout))),
     }
@@ -92,7 +93,7 @@ pub async fn probe(
 
 async fn probe_inner(
     addr: SocketAddr,
-    check: &HealthCheck,
+    config: &HealthConfig,
     send_proxy: Option<ProxyVersion>,
 ) -> Result<String, String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| describe_io(&e))?;
@@ -102,48 +103,8 @@ async fn probe_inner(
         let header = proxy_protocol::encode(version, local, addr);
         stream.write_all(&header).await.map_err(|e| describe_io(&e))?;
     }
-    match check {
-        HealthCheck::None | HealthCheck::Connect => Ok("connect succeeded".into()),
-        HealthCheck::Http { host, path } => {
-            let host = host.clone().unwrap_or_else(|| addr.to_string());
-            let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tcplb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-            );
-            stream.write_all(request.as_bytes()).await.map_err(|e| describe_io(&e))?;
-            let status = read_status(&mut stream).await?;
-            if (200..400).contains(&status) {
-                Ok(format!("HTTP {status}"))
-            } else {
-                Err(format!("HTTP {status}"))
-            }
-        }
-    }
-}
-
-/// Reads until the status line of an HTTP response is known.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(_) if resp.code.is_some() => return Ok(resp.code.unwrap_or_default()),
-            Ok(_) => {}
-            Err(httparse::Error::TooManyHeaders) if resp.code.is_some() => {
-                return Ok(resp.code.unwrap_or_default())
-            }
-            Err(e) => return Err(format!("invalid HTTP response ({e})")),
-        }
-        if buf.len() >= 8192 {
-            return Err("HTTP status line longer than 8 KiB".into());
-        }
-        let mut chunk = vec![0u8; 1024];
-        let n = stream.read(&mut chunk).await.map_err(|e| describe_io(&e))?;
-        if n == 0 {
-            return Err("connection closed before an HTTP status".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let host = addr.to_string();
+    check::converse(&mut stream, &config.check, &host, config.sni.as_deref(), config.timeout).await
 }
 
 #[cfg(test)]

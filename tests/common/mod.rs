@@ -434,3 +434,35 @@ pub fn exchange_std(addr: impl std::net::ToSocketAddrs, bytes: &[u8]) -> std::io
     c.read_to_end(&mut back)?;
     Ok(back)
 }
+
+/// Whether `bin --version` runs.
+pub fn have(bin: &str) -> bool {
+    use std::process::{Command, Stdio};
+    Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+/// A loopback port free a moment ago, for a server that takes a number.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A redis-server on a free loopback port, without persistence, with
+/// `extra` arguments (`--requirepass x`).
+pub fn start_redis(extra: &[&str]) -> (Proc, SocketAddr) {
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(child), addr)
+}

@@ -1,0 +1,157 @@
+//! The TLS tcplb speaks without terminating TLS: a ClientHello of its own
+//! for the `tls` health check, whose answer is read only as far as its
+//! first message. Parsing is tls-parser's; tcplb never holds a key.
+
+use tls_parser::{
+    parse_tls_message_handshake, parse_tls_plaintext, parse_tls_record_header, TlsMessage,
+    TlsMessageHandshake, TlsRecordType,
+};
+
+/// A ClientHello that a TLS 1.2 or 1.3 server answers with a ServerHello
+/// (or, for 1.3, a HelloRetryRequest: no key share is offered, so nothing
+/// is computed on either side), naming `server_name` when given.
+pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
+    fn put16(out: &mut Vec<u8>, v: usize) {
+        out.extend_from_slice(&(v as u16).to_be_bytes());
+    }
+    fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        put16(out, body.len());
+        out.extend_from_slice(body);
+    }
+    fn list16(items: &[u16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put16(&mut v, items.len() * 2);
+        items.iter().for_each(|i| v.extend_from_slice(&i.to_be_bytes()));
+        v
+    }
+    let mut ext = Vec::new();
+    if let Some(name) = server_name {
+        let mut body = Vec::new();
+        put16(&mut body, name.len() + 3);
+        body.push(0); // host_name
+        put16(&mut body, name.len());
+        body.extend_from_slice(name.as_bytes());
+        extension(&mut ext, 0, &body);
+    }
+    // x25519, secp256r1, secp384r1
+    extension(&mut ext, 10, &list16(&[0x001d, 0x0017, 0x0018]));
+    extension(&mut ext, 11, &[1, 0]); // ec_point_formats: uncompressed
+                                      // ecdsa and rsa-pss/pkcs1 with SHA-256/384/512, ed25519
+    extension(
+        &mut ext,
+        13,
+        &list16(&[0x0403, 0x0503, 0x0603, 0x0804, 0x0805, 0x0806, 0x0401, 0x0501, 0x0601, 0x0807]),
+    );
+    extension(&mut ext, 43, &[4, 0x03, 0x04, 0x03, 0x03]); // supported_versions: 1.3, 1.2
+    extension(&mut ext, 51, &[0, 0]); // key_share: none offered
+    let ciphers = list16(&[
+        0x1301, 0x1302, 0x1303, // TLS 1.3
+        0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8, 0x009c, 0x009d, // TLS 1.2
+    ]);
+    let mut hello = vec![0x03, 0x03];
+    hello.extend_from_slice(&random_bytes());
+    hello.push(0); // no session id
+    hello.extend_from_slice(&ciphers);
+    hello.extend_from_slice(&[1, 0]); // compression: null
+    put16(&mut hello, ext.len());
+    hello.extend_from_slice(&ext);
+
+    let mut out = vec![u8::from(TlsRecordType::Handshake), 0x03, 0x01];
+    put16(&mut out, hello.len() + 4);
+    out.push(1); // client_hello
+    out.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&hello);
+    out
+}
+
+/// 32 bytes for the hello's random: unpredictable enough for a probe that
+/// never completes a handshake.
+fn random_bytes() -> [u8; 32] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 32];
+    for chunk in out.chunks_mut(8) {
+        let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        chunk.copy_from_slice(&r.to_be_bytes());
+    }
+    out
+}
+
+/// How a server answered [`probe_hello`]: `None` while more bytes are
+/// needed, then Ok (a ServerHello or HelloRetryRequest) or Err saying what
+/// came instead.
+pub fn server_answer(buf: &[u8]) -> Option<Result<String, String>> {
+    let (body, header) = match parse_tls_record_header(buf) {
+        Ok(h) => h,
+        Err(tls_parser::Err::Incomplete(_)) => return None,
+        Err(_) => return Some(Err("not a TLS answer".into())),
+    };
+    if header.version.0 >> 8 != 3 {
+        return Some(Err("not a TLS answer".into()));
+    }
+    match header.record_type {
+        TlsRecordType::Handshake => match parse_tls_message_handshake(body) {
+            Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ServerHello(h)))) => {
+                Some(Ok(format!("TLS ServerHello ({:?})", h.version)))
+            }
+            Ok((_, TlsMessage::Handshake(TlsMessageHandshake::HelloRetryRequest(_)))) => {
+                Some(Ok("TLS HelloRetryRequest (TLS 1.3)".into()))
+            }
+            Ok((_, other)) => Some(Err(format!("TLS handshake without a ServerHello: {other:?}"))),
+            Err(tls_parser::Err::Incomplete(_)) if body.len() < usize::from(header.len) => None,
+            Err(_) => Some(Err("a broken TLS handshake record".into())),
+        },
+        TlsRecordType::Alert => match parse_tls_plaintext(buf) {
+            Ok((_, record)) => match record.msg.first() {
+                Some(TlsMessage::Alert(alert)) => Some(Err(format!("TLS alert: {}", alert.code))),
+                _ => Some(Err("a broken TLS alert".into())),
+            },
+            Err(tls_parser::Err::Incomplete(_)) => None,
+            Err(_) => Some(Err("a broken TLS alert".into())),
+        },
+        other => Some(Err(format!("TLS record of type {} before a ServerHello", other.0))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tls_parser::TlsExtension;
+
+    use tls_parser::{parse_tls_plaintext, SNIType};
+
+    /// The server name in a ClientHello record, as tls-parser reads it.
+    fn sni_of(record: &[u8]) -> Option<Vec<u8>> {
+        let (rest, plain) = parse_tls_plaintext(record).expect("a whole record");
+        assert!(rest.is_empty());
+        let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) =
+            plain.msg.first()
+        else {
+            panic!("not a ClientHello: {plain:?}");
+        };
+        let (_, extensions) =
+            tls_parser::parse_tls_client_hello_extensions(hello.ext.unwrap()).unwrap();
+        extensions.into_iter().find_map(|e| match e {
+            TlsExtension::SNI(names) => {
+                names.iter().find(|(t, _)| *t == SNIType::HostName).map(|(_, n)| n.to_vec())
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn the_probe_hello_reads_back_with_its_name() {
+        assert_eq!(sni_of(&probe_hello(Some("api.example.com"))).unwrap(), b"api.example.com");
+        assert_eq!(sni_of(&probe_hello(None)), None);
+    }
+
+    #[test]
+    fn answers_are_told_apart() {
+        // A record header alone is not an answer yet.
+        assert_eq!(server_answer(b"\x16\x03\x03\x00\x50"), None);
+        // A handshake failure alert.
+        let alert = server_answer(b"\x15\x03\x03\x00\x02\x02\x28").unwrap().unwrap_err();
+        assert!(alert.contains("alert"), "{alert}");
+        assert!(server_answer(b"HTTP/1.1 400 Bad Request\r\n").unwrap().is_err());
+    }
+}
