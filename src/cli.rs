@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    self, AdminConfig, Config, HealthCheck, HealthConfig, HumanDuration, ListenerConfig, Overrides,
-    Protocol, ProxyVersion, SpliceMode, StrategyKind, Upstream, WorkerBalance,
+    self, route::RouteConfig, AdminConfig, Config, HealthCheck, HealthConfig, HumanDuration,
+    ListenerConfig, Overrides, Protocol, ProxyVersion, SpliceMode, StrategyKind, Upstream,
+    WorkerBalance,
 };
 
 const EXAMPLES: &str = "\
@@ -73,9 +74,22 @@ pub struct Cli {
         value_delimiter = ' ',
         conflicts_with = "config",
         value_name = "HOST:PORT",
-        required_unless_present = "config"
+        required_unless_present_any = ["config", "route"]
     )]
     pub upstream: Vec<Upstream>,
+
+    /// Route TLS clients whose server name (SNI) is NAME, an exact name or a
+    /// one-label wildcard (*.example.com), to these upstreams instead of the
+    /// --upstream ones (the default pool; without it, unmatched clients are
+    /// closed). Repeatable.
+    #[arg(
+        long,
+        env = "TCPLB_ROUTE",
+        value_delimiter = ' ',
+        conflicts_with = "config",
+        value_name = "NAME=UPSTREAM[,UPSTREAM...]"
+    )]
+    pub route: Vec<RouteFlag>,
 
     /// Limit on each connect to a backend.
     #[arg(long, env = "TCPLB_CONNECT_TIMEOUT", conflicts_with = "config", value_name = "DURATION", default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT))]
@@ -324,6 +338,13 @@ impl Cli {
         listener.allow = self.allow;
         listener.deny = self.deny;
         listener.accept_proxy_from = self.accept_proxy_from;
+        for r in self.route {
+            if listener.routes.iter().any(|other| other.name == r.name) {
+                return Err(format!("--route {} is given twice", r.name));
+            }
+            let route = RouteConfig::new(&r.name, vec![r.name.clone()], r.upstreams, &listener);
+            listener.routes.push(route);
+        }
         listener.validate()?;
         let mut config = Config::single(listener);
         config.drain_timeout = self.drain_timeout.0;
@@ -331,5 +352,30 @@ impl Cli {
         config.admin =
             self.admin.map(|listen| AdminConfig { listen, token_file: self.admin_token_file });
         Ok(config)
+    }
+}
+
+/// One `--route NAME=UPSTREAM[,UPSTREAM...]`.
+#[derive(Debug, Clone)]
+pub struct RouteFlag {
+    /// The server name or wildcard, also the route's name.
+    name: String,
+    /// Where its clients go.
+    upstreams: Vec<Upstream>,
+}
+
+impl std::str::FromStr for RouteFlag {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, list) = s
+            .split_once('=')
+            .ok_or_else(|| format!("route '{s}' must be NAME=UPSTREAM[,UPSTREAM...]"))?;
+        let name = config::route::parse_pattern(name)?;
+        let upstreams = list
+            .split(',')
+            .map(|u| u.parse::<Upstream>().map_err(|e| format!("route '{s}': {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RouteFlag { name, upstreams })
     }
 }

@@ -141,6 +141,12 @@ pub struct ListenerStats {
     synthesized: [AtomicU64; SYNTHESIZED.len()],
     /// Clients closed by an allow/deny rule.
     pub denied: AtomicU64,
+    /// Clients a listener with routes sent here: to this route, or (on
+    /// the listener itself) to its default pool.
+    pub routed: AtomicU64,
+    /// Clients of a listener with routes that matched none, with no
+    /// default pool to go to: closed.
+    pub unrouted: AtomicU64,
 }
 
 impl ListenerStats {

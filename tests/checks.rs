@@ -202,9 +202,9 @@ async fn tls_check_against_openssl_servers() {
         return;
     }
     let dir = tempdir("tls-check");
-    make_cert(&dir);
-    let (_any, any) = s_server(&dir, &[]);
-    let (_v13, v13) = s_server(&dir, &["-tls1_3"]);
+    make_cert(&dir, "api.example.com");
+    let (_any, any) = s_server(&dir, "api.example.com", &[]);
+    let (_v13, v13) = s_server(&dir, "api.example.com", &["-tls1_3"]);
     let mut l = listener(&[any, v13, closer().await, web().await]);
     l.health = checked(HealthCheck::Tls);
     l.health.sni = Some("api.example.com".into());
@@ -276,57 +276,6 @@ async fn mysql_and_smtp_checks_against_scripted_servers() {
     assert!(quits.load(Ordering::Relaxed) > 0, "the probe says QUIT after the greeting");
 }
 
-fn have_openssl() -> bool {
-    Command::new("openssl").arg("version").stdout(Stdio::null()).status().is_ok()
-}
-
-fn tempdir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tcplb-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A self-signed EC certificate for any name, in `dir`.
-fn make_cert(dir: &std::path::Path) {
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            "/CN=api.example.com",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "openssl req failed");
-}
-
-/// `openssl s_server` on a free loopback port, with `extra` flags.
-fn s_server(dir: &std::path::Path, extra: &[&str]) -> (Proc, SocketAddr) {
-    let port = free_port();
-    let child = Command::new("openssl")
-        .args(["s_server", "-quiet", "-cert", "cert.pem", "-key", "key.pem"])
-        .args(["-accept", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_accepting(addr, "openssl s_server");
-    (Proc(child), addr)
-}
-
 /// The directory of Debian's PostgreSQL binaries, if installed.
 fn postgres_bin() -> Option<std::path::PathBuf> {
     let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
@@ -390,12 +339,4 @@ fn rustix_is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-fn wait_accepting(addr: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

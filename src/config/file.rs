@@ -12,9 +12,10 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::{
-    parse_cidr, parse_duration, parse_listen, parse_listen_all, parse_proxy_version, AdminConfig,
-    Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, SpliceMode, StrategyKind,
-    Upstream, WorkerBalance,
+    parse_cidr, parse_duration, parse_listen, parse_listen_all, parse_proxy_version,
+    route::{self, RouteConfig},
+    AdminConfig, Config, HealthCheck, HealthConfig, ListenerConfig, Protocol, SpliceMode,
+    StrategyKind, Upstream, WorkerBalance,
 };
 
 /// Every problem found in a file, each as `FILE:LINE:COL: message`.
@@ -104,6 +105,18 @@ struct RawListener {
     deny: Option<Vec<Spanned<String>>>,
     accept_proxy_from: Option<Vec<Spanned<String>>>,
     backlog: Option<Spanned<i64>>,
+    health: Option<Spanned<RawHealth>>,
+    route: Option<Vec<Spanned<RawRoute>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    sni: Option<Vec<Spanned<String>>>,
+    http_host: Option<Vec<Spanned<String>>>,
+    upstreams: Option<Spanned<Vec<Spanned<Value>>>>,
+    strategy: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
 }
 
@@ -242,6 +255,7 @@ impl Validator<'_> {
                 ("name", d.get_ref().name.is_some()),
                 ("listen", d.get_ref().listen.is_some()),
                 ("upstreams", d.get_ref().upstreams.is_some()),
+                ("route", d.get_ref().route.is_some()),
             ] {
                 if present {
                     self.error(
@@ -294,11 +308,18 @@ impl Validator<'_> {
                     listener.upstreams =
                         list.get_ref().iter().filter_map(|u| self.upstream(u)).collect()
                 }
-                None => {
-                    self.error(l.span(), format!("listener '{}' has no 'upstreams'", listener.name))
-                }
+                None if r.route.as_ref().is_some_and(|r| !r.is_empty()) => {}
+                None => self.error(
+                    l.span(),
+                    format!("listener '{}' has no 'upstreams' (and no routes)", listener.name),
+                ),
             }
             self.settings(r, &mut listener);
+            for route in r.route.iter().flatten() {
+                if let Some(route) = self.route(route, &listener) {
+                    listener.routes.push(route);
+                }
+            }
             if let Err(e) = listener.validate() {
                 self.error(l.span(), e);
             }
@@ -502,44 +523,110 @@ impl Validator<'_> {
             }
         }
         if let Some(h) = &r.health {
-            let h = h.get_ref();
-            if let Some(c) = &h.check {
-                match c.get_ref().parse::<HealthCheck>() {
-                    Ok(c) => listener.health.check = c,
-                    Err(e) => self.error(c.span(), format!("health check: {e}")),
-                }
-            }
-            if let Some(d) = &h.interval {
-                if let Some(d) = self.positive_duration(d, "health interval") {
-                    listener.health.interval = d;
-                }
-            }
-            if let Some(d) = &h.timeout {
-                if let Some(d) = self.positive_duration(d, "health timeout") {
-                    listener.health.timeout = d;
-                }
-            }
-            if let Some(n) = &h.rise {
-                if let Some(n) = self.count(n, "rise", 1, 1000) {
-                    listener.health.rise = n as u32;
-                }
-            }
-            if let Some(n) = &h.fall {
-                if let Some(n) = self.count(n, "fall", 1, 1000) {
-                    listener.health.fall = n as u32;
-                }
-            }
-            if let Some(b) = h.send_proxy {
-                listener.health.send_proxy = b;
-            }
-            if let Some(name) = &h.sni {
-                match crate::config::parse_server_name(name.get_ref()) {
-                    Ok(n) => listener.health.sni = Some(n),
-                    Err(e) => self.error(name.span(), format!("health sni: {e}")),
-                }
-            }
-            self.send_expect(h, &mut listener.health);
+            self.health(h.get_ref(), &mut listener.health);
         }
+    }
+
+    /// A `[listener.health]` table (or a route's) over `health`.
+    fn health(&mut self, h: &RawHealth, health: &mut HealthConfig) {
+        if let Some(c) = &h.check {
+            match c.get_ref().parse::<HealthCheck>() {
+                Ok(c) => health.check = c,
+                Err(e) => self.error(c.span(), format!("health check: {e}")),
+            }
+        }
+        if let Some(d) = &h.interval {
+            if let Some(d) = self.positive_duration(d, "health interval") {
+                health.interval = d;
+            }
+        }
+        if let Some(d) = &h.timeout {
+            if let Some(d) = self.positive_duration(d, "health timeout") {
+                health.timeout = d;
+            }
+        }
+        if let Some(n) = &h.rise {
+            if let Some(n) = self.count(n, "rise", 1, 1000) {
+                health.rise = n as u32;
+            }
+        }
+        if let Some(n) = &h.fall {
+            if let Some(n) = self.count(n, "fall", 1, 1000) {
+                health.fall = n as u32;
+            }
+        }
+        if let Some(b) = h.send_proxy {
+            health.send_proxy = b;
+        }
+        if let Some(name) = &h.sni {
+            match crate::config::parse_server_name(name.get_ref()) {
+                Ok(n) => health.sni = Some(n),
+                Err(e) => self.error(name.span(), format!("health sni: {e}")),
+            }
+        }
+        self.send_expect(h, health);
+    }
+
+    /// One `[[listener.route]]`: its names, and its upstreams, strategy and
+    /// health over the listener's.
+    fn route(&mut self, raw: &Spanned<RawRoute>, listener: &ListenerConfig) -> Option<RouteConfig> {
+        let (span, r) = (raw.span(), raw.get_ref());
+        let name = match &r.name {
+            Some(n) if n.get_ref().trim().is_empty() || n.get_ref().contains('/') => {
+                self.error(n.span(), "route name must not be empty nor hold '/'");
+                return None;
+            }
+            Some(n) => n.get_ref().clone(),
+            None => {
+                self.error(
+                    span.clone(),
+                    format!("a route of listener '{}' has no 'name'", listener.name),
+                );
+                return None;
+            }
+        };
+        if listener.routes.iter().any(|other| other.name == name) {
+            self.error(
+                span.clone(),
+                format!("duplicate route name '{name}' in listener '{}'", listener.name),
+            );
+        }
+        let mut patterns = |list: &Option<Vec<Spanned<String>>>| -> Vec<String> {
+            let mut out = Vec::new();
+            for p in list.iter().flatten() {
+                match route::parse_pattern(p.get_ref()) {
+                    Ok(p) => out.push(p),
+                    Err(e) => self.error(p.span(), format!("route '{name}': {e}")),
+                }
+            }
+            out
+        };
+        let sni = patterns(&r.sni);
+        let http_host = patterns(&r.http_host);
+        if sni.is_empty() && http_host.is_empty() {
+            self.error(
+                span.clone(),
+                format!("route '{name}' has no 'sni' nor 'http_host' names to match"),
+            );
+        }
+        let upstreams = match &r.upstreams {
+            Some(list) if !list.get_ref().is_empty() => {
+                list.get_ref().iter().filter_map(|u| self.upstream(u)).collect()
+            }
+            _ => {
+                self.error(span.clone(), format!("route '{name}' has no 'upstreams'"));
+                return None;
+            }
+        };
+        let mut route = RouteConfig::new(&name, sni, upstreams, listener);
+        route.http_host = http_host;
+        if let Some(s) = &r.strategy {
+            route.strategy = self.choice::<StrategyKind>(s, "strategy").unwrap_or(route.strategy);
+        }
+        if let Some(h) = &r.health {
+            self.health(h.get_ref(), &mut route.health);
+        }
+        Some(route)
     }
 
     /// `send`/`send_hex` and `expect`/`expect_hex`: a dialogue of the

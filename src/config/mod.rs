@@ -5,6 +5,7 @@
 //! the bad value. Defaults live here and nowhere else.
 
 pub mod file;
+pub mod route;
 mod shape;
 
 use std::fmt;
@@ -77,6 +78,17 @@ impl Config {
         self.threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
+    }
+
+    /// Every service to run: each listener, followed by one per route of it
+    /// (named `listener/route`, without sockets).
+    pub fn services(&self) -> Vec<ListenerConfig> {
+        let mut out = Vec::with_capacity(self.listeners.len());
+        for l in &self.listeners {
+            out.push(l.clone());
+            out.extend(l.routes.iter().map(|r| l.route_service(r)));
+        }
+        out
     }
 
     /// A configuration with one listener and every global default.
@@ -180,9 +192,26 @@ pub struct ListenerConfig {
     /// header names the client that allow/deny judge, so whoever may send
     /// one chooses the address they check.
     pub accept_proxy_from: Vec<IpNet>,
+    /// Clients routed by TLS server name or HTTP Host to pools of their
+    /// own; `upstreams` is then the default pool, and may be empty.
+    pub routes: Vec<route::RouteConfig>,
 }
 
 impl ListenerConfig {
+    /// The service that runs `route` of this listener: its settings, with
+    /// the route's upstreams, strategy and health, and no socket.
+    pub fn route_service(&self, route: &route::RouteConfig) -> ListenerConfig {
+        ListenerConfig {
+            name: format!("{}/{}", self.name, route.name),
+            listen: Vec::new(),
+            upstreams: route.upstreams.clone(),
+            strategy: route.strategy,
+            health: route.health.clone(),
+            routes: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// Whether a client at `ip` may be served.
     pub fn admits(&self, ip: IpAddr) -> bool {
         let ip = as_ipv4(ip);
@@ -201,6 +230,23 @@ impl ListenerConfig {
     /// The rules that span several settings; the message names the setting
     /// to add or change.
     pub fn validate(&self) -> Result<(), String> {
+        if self.name.contains('/') {
+            return Err(format!(
+                "listener name '{}' must not hold '/': it separates a listener from its routes",
+                self.name
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if self.routes[..i].iter().any(|o| o.name == r.name) {
+                return Err(format!("listener '{}': duplicate route '{}'", self.name, r.name));
+            }
+            if r.upstreams.is_empty() {
+                return Err(format!(
+                    "listener '{}': route '{}' has no upstreams",
+                    self.name, r.name
+                ));
+            }
+        }
         if self.accept_proxy
             && self.accept_proxy_from.is_empty()
             && !(self.allow.is_empty() && self.deny.is_empty())
@@ -244,6 +290,7 @@ impl ListenerConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             accept_proxy_from: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }

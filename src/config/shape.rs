@@ -39,6 +39,15 @@ const HEALTH: &[(&str, Kind)] = &[
     ("sni", Kind::Str),
 ];
 
+const ROUTE: &[(&str, Kind)] = &[
+    ("name", Kind::Str),
+    ("sni", Kind::Strs),
+    ("http_host", Kind::Strs),
+    ("upstreams", Kind::Upstreams),
+    ("strategy", Kind::Str),
+    ("health", Kind::Table(HEALTH)),
+];
+
 const LISTENER: &[(&str, Kind)] = &[
     ("name", Kind::Str),
     ("listen", Kind::StrOrStrs),
@@ -61,6 +70,7 @@ const LISTENER: &[(&str, Kind)] = &[
     ("accept_proxy_from", Kind::Strs),
     ("backlog", Kind::Int),
     ("health", Kind::Table(HEALTH)),
+    ("route", Kind::Tables(ROUTE)),
 ];
 
 const ADMIN: &[(&str, Kind)] = &[("listen", Kind::Str), ("token_file", Kind::Str)];

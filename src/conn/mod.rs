@@ -14,5 +14,6 @@ pub mod pipe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod replay;
+pub mod route;
 pub mod tls;
 pub mod workers;

@@ -23,6 +23,7 @@ use crate::conn::duplex::{self, End};
 use crate::conn::http::{self, Peek, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
+use crate::conn::route;
 use crate::io::{describe_io, reset_on_close, write_all};
 use crate::stats::Throttle;
 use crate::upstream::{Candidates, Service, Snapshot};
@@ -54,17 +55,43 @@ pub async fn serve(
         backend: None,
         sent: 0,
         received: 0,
+        routed: None,
     };
+    if let Err(ending) = conn.admit().await {
+        return conn.log(ending);
+    }
+    if !snap.config.routes.is_empty() {
+        // Boxed: a connection without routes carries none of this state.
+        return Box::pin(serve_routed(conn)).await;
+    }
     let ending = conn.run().await;
     conn.log(ending);
 }
 
+/// The rest of [`serve`] on a listener with routes.
+async fn serve_routed(mut conn: Connection<'_>) {
+    let routes = conn.svc.routes();
+    match conn.route(&routes).await {
+        Err(ending) => conn.log(ending),
+        Ok(None) => {
+            let ending = conn.run().await;
+            conn.log(ending);
+        }
+        Ok(Some(route)) => {
+            let route_snap = route.snapshot();
+            let mut conn = conn.rebind(route, &route_snap);
+            let ending = conn.run().await;
+            conn.log(ending);
+        }
+    }
+}
+
 /// A client connection on its way through the proxy, and its tally so far.
 struct Connection<'a> {
-    /// The listener.
+    /// The listener, or the route it was sent to.
     svc: &'a Arc<Service>,
-    /// The listener's settings and pool when the connection arrived; kept
-    /// to its end, so that a reload never changes a connection midway.
+    /// Its settings and pool when the connection arrived (or was routed);
+    /// kept to its end, so that a reload never changes a connection midway.
     snap: &'a Snapshot,
     /// The client's socket.
     client: TcpStream,
@@ -83,6 +110,25 @@ struct Connection<'a> {
     sent: u64,
     /// Backend → client bytes.
     received: u64,
+    /// On a listener with routes: where the route phase sent it, and what
+    /// it read there (boxed: one pointer for connections without routes).
+    routed: Option<Box<Routed>>,
+}
+
+/// What choosing a route read and found.
+struct Routed {
+    /// The listener's name (the service is the route's), for the log.
+    listener: Arc<str>,
+    /// Client bytes read to choose, not yet sent to a backend.
+    early: Vec<u8>,
+    /// The client half-closed while being read.
+    client_ended: bool,
+    /// The route's name, or `default`.
+    route: String,
+    /// The TLS server name.
+    sni: Option<String>,
+    /// The TLS ALPN protocols offered.
+    alpn: Option<String>,
 }
 
 /// Why a connection ended, for the access log.
@@ -116,11 +162,9 @@ struct Established {
 }
 
 impl<'a> Connection<'a> {
-    /// Every phase in turn, until one ends the connection.
+    /// The phases after admission (and the route), until one ends the
+    /// connection.
     async fn run(&mut self) -> Ending {
-        if let Err(ending) = self.admit().await {
-            return ending;
-        }
         let snap = self.snap;
         let mut candidates = snap.pool.candidates(self.ends.client, snap.config.connect_attempts);
         self.svc.note_panic(candidates.is_panic());
@@ -128,8 +172,15 @@ impl<'a> Connection<'a> {
             Ok(up) => up,
             Err(ending) => return ending,
         };
+        if self.routed.is_some() {
+            // Boxed: a connection without routes carries none of its state.
+            if let Err(ending) = Box::pin(self.send_early(&up)).await {
+                return ending;
+            }
+        }
         let established = if snap.config.protocol == Protocol::Tcp {
-            Established { up, client_done: false, awaiting_answer: false }
+            let client_done = self.routed.as_ref().is_some_and(|r| r.client_ended);
+            Established { up, client_done, awaiting_answer: false }
         } else {
             match self.first_exchange(up, &mut candidates).await {
                 Ok(established) => established,
@@ -177,6 +228,75 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
+    /// Reads the client's first bytes (a TLS ClientHello, an HTTP request
+    /// head) and picks one of `routes` by them; None: the listener's own
+    /// upstreams, the default pool. With no route matched and no default
+    /// pool, an HTTP client is answered 503 and anything else closed.
+    async fn route<'r>(
+        &mut self,
+        routes: &'r [Arc<Service>],
+    ) -> Result<Option<&'r Arc<Service>>, Ending> {
+        let (svc, cfg) = (self.svc, &self.snap.config);
+        let deadline = Instant::now() + cfg.peek_timeout;
+        let mut early = Vec::new();
+        let choice = tokio::select! {
+            c = route::choose(&self.client, &cfg.routes, &mut early, deadline) => c,
+            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
+        };
+        let target = choice.route.and_then(|i| Some((&cfg.routes.get(i)?.name, routes.get(i)?)));
+        self.routed = Some(Box::new(Routed {
+            listener: Arc::clone(&svc.name),
+            early,
+            client_ended: choice.ended,
+            route: target.map_or_else(|| "default".to_string(), |(name, _)| name.clone()),
+            sni: choice.sni,
+            alpn: choice.alpn,
+        }));
+        match target {
+            Some((_, route)) => {
+                route.stats.routed.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(route))
+            }
+            None if cfg.upstreams.is_empty() => {
+                svc.stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                debug!(listener = %svc.name, client = %self.ends.client, host = ?choice.host, "no route matched and no default pool");
+                let answered = self.answer_failure(Status::ServiceUnavailable).await;
+                Err(Ending::new(answered.map_or("no route", Status::end)))
+            }
+            None => {
+                svc.stats.routed.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The same connection, handed to the service of the route it takes.
+    fn rebind<'b>(self, svc: &'b Arc<Service>, snap: &'b Snapshot) -> Connection<'b>
+    where
+        'a: 'b,
+    {
+        Connection { svc, snap, ..self }
+    }
+
+    /// Sends the bytes read to choose a route to the backend it chose (and
+    /// the client's FIN, if it came).
+    async fn send_early(&mut self, up: &BackendConn) -> Result<(), Ending> {
+        let Some(routed) = &self.routed else { return Ok(()) };
+        if !routed.early.is_empty() {
+            if let Err(e) = write_all(&up.stream, &routed.early).await {
+                reset_on_close(&self.client);
+                return Err(Ending::with_error("backend error", Some(e)));
+            }
+            let n = routed.early.len() as u64;
+            up.backend.byte_counters().0.fetch_add(n, Ordering::Relaxed);
+            self.sent += n;
+        }
+        if routed.client_ended {
+            let _ = socket2::SockRef::from(&up.stream).shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+
     /// Connects to the first candidate that accepts; when none does, answers
     /// an HTTP client with 502/503/504 and closes anything else.
     async fn connect(&mut self, candidates: &mut Candidates<'_>) -> Result<BackendConn, Ending> {
@@ -208,6 +328,15 @@ impl<'a> Connection<'a> {
     ) -> Result<Established, Ending> {
         let timeouts = self.snap.config.timeouts();
         let mut held = Held::new();
+        if let Some(routed) = &mut self.routed {
+            // What choosing the route read was sent already: held for a
+            // replay, unless it cannot be one (a ClientHello).
+            held.preload(&std::mem::take(&mut routed.early), routed.client_ended);
+            if !held.may_replay() {
+                let client_done = held.client_done;
+                return Ok(Established { up, client_done, awaiting_answer: true });
+            }
+        }
         loop {
             let exchange = replay::first_exchange(
                 &mut self.client,
@@ -378,12 +507,13 @@ impl<'a> Connection<'a> {
             // request line gets the answer too, a client that sent nothing a
             // 408, and only bytes that are certainly something else a plain
             // close. In auto mode only a whole request line proves HTTP.
-            let (status, head) = match http::sniff_client(&self.client, &[], deadline).await {
-                Peek::Http { head } => (status, head),
-                Peek::Partial if protocol == Protocol::Http => (status, false),
-                Peek::Silent if protocol == Protocol::Http => (Status::RequestTimeout, false),
-                _ => return None,
-            };
+            let (status, head) =
+                match http::sniff_client(&self.client, self.early(), deadline).await {
+                    Peek::Http { head } => (status, head),
+                    Peek::Partial if protocol == Protocol::Http => (status, false),
+                    Peek::Silent if protocol == Protocol::Http => (Status::RequestTimeout, false),
+                    _ => return None,
+                };
             svc.stats.record_synthesized(status.code());
             if let Err(e) = http::respond(&self.client, status, head).await {
                 debug!(listener = %svc.name, client = %peer, error = %e, "could not send HTTP error");
@@ -396,6 +526,11 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// The bytes read to choose a route and not sent on yet.
+    fn early(&self) -> &[u8] {
+        self.routed.as_ref().map_or(&[], |r| &r.early)
+    }
+
     /// Sends a synthesized response and counts it.
     async fn respond(&self, status: Status) {
         self.svc.stats.record_synthesized(status.code());
@@ -404,8 +539,23 @@ impl<'a> Connection<'a> {
 
     /// Closes the client and writes the connection's one access-log event.
     fn log(self, ending: Ending) {
-        let Connection { svc, snap, client, peer, ends, started, backend, sent, received, .. } =
-            self;
+        let Connection {
+            svc,
+            snap,
+            client,
+            peer,
+            ends,
+            started,
+            backend,
+            sent,
+            received,
+            routed,
+            ..
+        } = self;
+        let (listener, route, sni, alpn) = match &routed {
+            Some(r) => (&*r.listener, Some(r.route.as_str()), r.sni.as_deref(), r.alpn.as_deref()),
+            None => (&*svc.name, None, None, None),
+        };
         // The address the connection came from, when a PROXY header named
         // another client.
         let peer = (peer != ends.client).then(|| tracing::field::display(peer));
@@ -420,7 +570,10 @@ impl<'a> Connection<'a> {
             ($level:ident, $($target:tt)*) => {
                 $level!(
                     $($target)*
-                    listener = %svc.name,
+                    listener,
+                    route,
+                    sni,
+                    alpn,
                     client = %ends.client,
                     peer,
                     %backend,

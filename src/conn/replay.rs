@@ -63,6 +63,13 @@ impl Held {
         self.tracking
     }
 
+    /// Bytes the client sent before the exchange began (read to choose a
+    /// route, and already sent), and whether its FIN came with them.
+    pub fn preload(&mut self, bytes: &[u8], client_done: bool) {
+        self.record(bytes);
+        self.client_done = client_done;
+    }
+
     fn record(&mut self, chunk: &[u8]) {
         if !self.tracking {
             return;

@@ -1,11 +1,112 @@
-//! The TLS tcplb speaks without terminating TLS: a ClientHello of its own
-//! for the `tls` health check, whose answer is read only as far as its
-//! first message. Parsing is tls-parser's; tcplb never holds a key.
+//! The TLS tcplb reads or speaks without terminating TLS: the client's
+//! ClientHello, read for its server name and ALPN to choose a route (and
+//! forwarded unchanged), and a ClientHello of its own for the `tls` health
+//! check, whose answer is read only as far as its first message. Parsing
+//! is tls-parser's; tcplb never holds a key.
 
 use tls_parser::{
-    parse_tls_message_handshake, parse_tls_plaintext, parse_tls_record_header, TlsMessage,
-    TlsMessageHandshake, TlsRecordType,
+    parse_tls_message_handshake, parse_tls_plaintext, parse_tls_record_header, TlsExtension,
+    TlsMessage, TlsMessageHandshake, TlsRecordType,
 };
+
+/// A TLS record header: type, version, length.
+const RECORD_HEADER: usize = 5;
+
+/// What the first bytes of a connection say about a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    /// A TLS handshake record that has not arrived whole yet.
+    Incomplete,
+    /// Not a TLS ClientHello (plaintext, or a broken one).
+    NotTls,
+    /// A whole ClientHello.
+    Complete {
+        /// The host name of the server_name extension, lower-cased.
+        sni: Option<String>,
+        /// The protocols offered by the ALPN extension, in order.
+        alpn: Vec<String>,
+    },
+}
+
+/// Longest ClientHello waited for (a post-quantum key share makes ~1.8 KiB;
+/// a hello of many extensions and a long session ticket stays well inside).
+pub const MAX_HELLO: usize = 16 * 1024;
+
+/// Reads the ClientHello at the start of `buf`, which may be split over
+/// several handshake records and end anywhere.
+pub fn client_hello(buf: &[u8]) -> Hello {
+    match buf.first() {
+        None => return Hello::Incomplete,
+        Some(&b) if b != u8::from(TlsRecordType::Handshake) => return Hello::NotTls,
+        _ => {}
+    }
+    // The handshake message, put back together from the records' bodies.
+    let mut message = Vec::new();
+    let mut rest = buf;
+    loop {
+        let header = match parse_tls_record_header(rest) {
+            Ok((_, h)) => h,
+            Err(tls_parser::Err::Incomplete(_)) => return Hello::Incomplete,
+            Err(_) => return Hello::NotTls,
+        };
+        // A ClientHello is all handshake records, and SSL 3.0 or later.
+        if header.record_type != TlsRecordType::Handshake || header.version.0 >> 8 != 3 {
+            return Hello::NotTls;
+        }
+        let len = usize::from(header.len);
+        let end = (RECORD_HEADER + len).min(rest.len());
+        message.extend_from_slice(&rest[RECORD_HEADER.min(rest.len())..end]);
+        if message.first().is_some_and(|&t| t != 1) {
+            return Hello::NotTls; // a handshake that does not start with ClientHello
+        }
+        if message.len() >= 4 {
+            let want = 4
+                + (usize::from(message[1]) << 16
+                    | usize::from(message[2]) << 8
+                    | usize::from(message[3]));
+            if want > MAX_HELLO {
+                return Hello::NotTls;
+            }
+            if message.len() >= want {
+                return parse_hello(&message[..want]);
+            }
+        }
+        if rest.len() < RECORD_HEADER + len {
+            return Hello::Incomplete;
+        }
+        rest = &rest[RECORD_HEADER + len..];
+    }
+}
+
+/// The server name and ALPN of a whole ClientHello message.
+fn parse_hello(message: &[u8]) -> Hello {
+    let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
+        parse_tls_message_handshake(message)
+    else {
+        return Hello::NotTls;
+    };
+    let (mut sni, mut alpn) = (None, Vec::new());
+    let extensions = hello.ext.map(tls_parser::parse_tls_client_hello_extensions);
+    if let Some(Ok((_, extensions))) = extensions {
+        for ext in extensions {
+            match ext {
+                TlsExtension::SNI(names) => {
+                    sni = names
+                        .iter()
+                        .find(|(kind, _)| *kind == tls_parser::SNIType::HostName)
+                        .and_then(|(_, name)| std::str::from_utf8(name).ok())
+                        .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
+                }
+                TlsExtension::ALPN(protocols) => {
+                    alpn =
+                        protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+                }
+                _ => {}
+            }
+        }
+    }
+    Hello::Complete { sni, alpn }
+}
 
 /// A ClientHello that a TLS 1.2 or 1.3 server answers with a ServerHello
 /// (or, for 1.3, a HelloRetryRequest: no key share is offered, so nothing
@@ -116,7 +217,7 @@ pub fn server_answer(buf: &[u8]) -> Option<Result<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tls_parser::TlsExtension;
+    use proptest::prelude::*;
 
     use tls_parser::{parse_tls_plaintext, SNIType};
 
@@ -143,6 +244,80 @@ mod tests {
     fn the_probe_hello_reads_back_with_its_name() {
         assert_eq!(sni_of(&probe_hello(Some("api.example.com"))).unwrap(), b"api.example.com");
         assert_eq!(sni_of(&probe_hello(None)), None);
+    }
+
+    #[test]
+    fn the_probe_hello_is_read_back_by_the_route_parser() {
+        assert_eq!(
+            client_hello(&probe_hello(Some("API.example.com"))),
+            Hello::Complete { sni: Some("api.example.com".into()), alpn: vec![] }
+        );
+        assert_eq!(client_hello(&probe_hello(None)), Hello::Complete { sni: None, alpn: vec![] });
+    }
+
+    #[test]
+    fn every_prefix_of_a_hello_is_incomplete_and_never_misread() {
+        let hello = probe_hello(Some("www.example.com"));
+        for cut in 0..hello.len() {
+            assert_eq!(client_hello(&hello[..cut]), Hello::Incomplete, "cut at {cut}");
+        }
+    }
+
+    /// `hello`'s handshake message again, in records of `size` bytes.
+    fn in_records(hello: &[u8], size: usize) -> Vec<u8> {
+        let mut records = Vec::new();
+        for piece in hello[RECORD_HEADER..].chunks(size) {
+            records.extend_from_slice(&[22, 3, 1]);
+            records.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+            records.extend_from_slice(piece);
+        }
+        records
+    }
+
+    #[test]
+    fn a_hello_split_over_records_is_put_back_together() {
+        let records = in_records(&probe_hello(Some("split.example.com")), 7);
+        assert_eq!(
+            client_hello(&records),
+            Hello::Complete { sni: Some("split.example.com".into()), alpn: vec![] }
+        );
+    }
+
+    #[test]
+    fn plaintext_and_broken_records_are_not_tls() {
+        assert_eq!(client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+        assert_eq!(client_hello(b"\x16\x03"), Hello::Incomplete);
+        assert_eq!(client_hello(b"\x16\x09\x01\x00\x05hello"), Hello::NotTls);
+        // A handshake that starts with something other than a ClientHello.
+        assert_eq!(client_hello(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"), Hello::NotTls);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_judged_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let _ = client_hello(&bytes);
+            let _ = server_answer(&bytes);
+        }
+
+        #[test]
+        fn a_hello_after_a_tls_record_header_never_panics(body in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut bytes = vec![22, 3, 1];
+            bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            bytes.extend_from_slice(&body);
+            let _ = client_hello(&bytes);
+        }
+
+        #[test]
+        fn any_split_of_a_hello_reads_the_same_name(size in 1usize..300, name in "[a-z]{1,20}(\\.[a-z]{1,10}){0,3}") {
+            let records = in_records(&probe_hello(Some(&name)), size);
+            prop_assert_eq!(
+                client_hello(&records),
+                Hello::Complete { sni: Some(name.clone()), alpn: vec![] }
+            );
+            for cut in [1, records.len() / 2, records.len() - 1] {
+                prop_assert_eq!(client_hello(&records[..cut]), Hello::Incomplete);
+            }
+        }
     }
 
     #[test]

@@ -298,6 +298,32 @@ impl<S: Source> Collector for LiveCollector<S> {
                 (vec![("listener", n.as_str())], s.stats.denied.load(Ordering::Relaxed))
             }),
         )?;
+        // Listeners with routes: where their clients went, by route
+        // (`default`: the listener's own upstreams).
+        let routed: Vec<(&str, &str, u64)> = services
+            .iter()
+            .filter(|s| s.name.contains('/') || !s.snapshot().config.routes.is_empty())
+            .map(|s| {
+                let (listener, route) = s.name.split_once('/').unwrap_or((&s.name, "default"));
+                (listener, route, s.stats.routed.load(Ordering::Relaxed))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "tcplb_routed_connections",
+            "Clients of a listener with routes, by the route their TLS server name or HTTP Host chose.",
+            MetricType::Counter,
+            routed.iter().map(|&(l, r, n)| (vec![("listener", l), ("route", r)], n)),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_unrouted_connections",
+            "Clients that matched no route of a listener without a default pool: closed (or answered 503).",
+            MetricType::Counter,
+            services.iter().zip(&names).filter(|(s, _)| !s.snapshot().config.routes.is_empty()).map(
+                |(s, n)| (vec![("listener", n.as_str())], s.stats.unrouted.load(Ordering::Relaxed)),
+            ),
+        )?;
         family(
             &mut encoder,
             "tcplb_accept_errors",

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ListenerConfig, Upstream};
 use crate::control::discovery::{self, Resolved};
 use crate::control::dns::previous_addrs;
-use crate::control::server::{bind, Running, RunningListener, Sockets};
+use crate::control::server::{bind, wire_routes, Running, RunningListener, Sockets};
 use crate::control::{probe, Error};
 use crate::upstream::{Backend, Pool, Service, Settings, Snapshot};
 
@@ -116,11 +116,11 @@ impl Running {
 
     /// Resolves and binds what `config` needs; on error nothing has changed.
     async fn prepare(&self, config: &Config) -> Result<Vec<Prepared>, Error> {
-        let mut prepared = Vec::with_capacity(config.listeners.len());
+        let mut prepared = Vec::new();
         for cfg in &config.listeners {
             cfg.validate().map_err(Error::Config)?;
         }
-        for cfg in &config.listeners {
+        for cfg in &config.services() {
             let existing = self.listeners.iter().position(|l| *l.service.name == *cfg.name);
             let old_backends =
                 existing.map(|i| self.listeners[i].service.backends()).unwrap_or_default();
@@ -180,9 +180,10 @@ impl Running {
             info!(listener = %running.service.name, "listener removed: its socket is closed, its connections run to their end");
         }
         self.listeners = kept;
-        self.view
-            .services
-            .store(Arc::new(self.listeners.iter().map(|l| Arc::clone(&l.service)).collect()));
+        let services: Vec<Arc<Service>> =
+            self.listeners.iter().map(|l| Arc::clone(&l.service)).collect();
+        wire_routes(&services);
+        self.view.services.store(Arc::new(services));
         self.resize_limit(config.max_connections.min(Semaphore::MAX_PERMITS));
         self.drain_timeout = config.drain_timeout;
         self.workers.set.set_balance(config.worker_balance);

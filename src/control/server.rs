@@ -72,8 +72,9 @@ impl Server {
         for cfg in &config.listeners {
             cfg.validate().map_err(Error::Config)?;
         }
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for cfg in &config.listeners {
+        let services = config.services();
+        let mut listeners = Vec::with_capacity(services.len());
+        for cfg in &services {
             let (resolved, _) = discovery::resolve_all(&*resolver, &cfg.upstreams, &HashMap::new())
                 .await
                 .map_err(|f| Error::Resolve(f.to_string()))?;
@@ -97,8 +98,10 @@ impl Server {
             }
             None => None,
         };
+        let services: Vec<Arc<Service>> = listeners.iter().map(|(s, _)| Arc::clone(s)).collect();
+        wire_routes(&services);
         let view = Arc::new(ServerView::default());
-        view.services.store(Arc::new(listeners.iter().map(|(s, _)| Arc::clone(s)).collect()));
+        view.services.store(Arc::new(services));
         let (control_tx, control_rx) = mpsc::channel(16);
         Ok(Server { config, resolver, listeners, control_tx, control_rx, view, admin })
     }
@@ -223,6 +226,8 @@ impl Server {
             if let Err(e) = cfg.validate() {
                 problems.push(e);
             }
+        }
+        for cfg in &config.services() {
             if let Err(f) = discovery::resolve_all(resolver, &cfg.upstreams, &HashMap::new()).await
             {
                 problems.push(format!("listener '{}': {f}", cfg.name));
@@ -248,6 +253,27 @@ impl Server {
             }
         }
         problems
+    }
+}
+
+/// Points every listener with routes at its routes' services (which
+/// `Config::services` names `listener/route`).
+pub(super) fn wire_routes(services: &[Arc<Service>]) {
+    for s in services {
+        let snap = s.snapshot();
+        if snap.config.routes.is_empty() {
+            continue;
+        }
+        let routes = snap
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let name = format!("{}/{}", s.name, r.name);
+                services.iter().find(|c| *c.name == *name).cloned()
+            })
+            .collect();
+        s.set_routes(routes);
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Service {
     /// then: shown (state "removed") with their counters until the last of
     /// those connections ends, so an operator can watch them drain.
     removed: Mutex<Vec<Arc<Backend>>>,
+    /// The services of its routes, in the order of `config.routes` (empty
+    /// for a listener without routes, and for a route).
+    routes: ArcSwap<Vec<Arc<Service>>>,
 }
 
 impl Service {
@@ -72,7 +75,18 @@ impl Service {
             stats: ListenerStats::default(),
             bound: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
+            routes: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// The services of its routes, in the order of its `config.routes`.
+    pub fn routes(&self) -> Arc<Vec<Arc<Service>>> {
+        self.routes.load_full()
+    }
+
+    /// Points its routes at `services`; done whenever they are (re)built.
+    pub(crate) fn set_routes(&self, services: Vec<Arc<Service>>) {
+        self.routes.store(Arc::new(services));
     }
 
     /// The current settings and pool.

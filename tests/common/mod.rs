@@ -466,3 +466,68 @@ pub fn start_redis(extra: &[&str]) -> (Proc, SocketAddr) {
     }
     (Proc(child), addr)
 }
+
+/// Whether `openssl` runs.
+pub fn have_openssl() -> bool {
+    use std::process::{Command, Stdio};
+    Command::new("openssl").arg("version").stdout(Stdio::null()).status().is_ok()
+}
+
+/// A fresh directory under the temporary directory, for this process.
+pub fn tempdir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tcplb-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A self-signed EC certificate for `name` in `dir`: NAME.pem and NAME.key.
+pub fn make_cert(dir: &std::path::Path, name: &str) {
+    use std::process::{Command, Stdio};
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-days", "1", "-subj", &format!("/CN={name}")])
+        .args(["-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem")])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "openssl req failed");
+}
+
+/// `openssl s_server` with the certificate of `name` (from [`make_cert`])
+/// on a free loopback port, with `extra` flags.
+pub fn s_server(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let child = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-cert",
+            &format!("{name}.pem"),
+            "-key",
+            &format!("{name}.key"),
+        ])
+        .args(["-accept", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_accepting(addr, "openssl s_server");
+    (Proc(child), addr)
+}
+
+/// Waits (up to 20 s) until something accepts on `addr`.
+pub fn wait_accepting(addr: SocketAddr, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
