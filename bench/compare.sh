@@ -43,6 +43,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
     [ -f "$WORK/nginx-lb.pid" ] && kill "$(cat "$WORK/nginx-lb.pid")" 2>/dev/null || true
+    [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")" 2>/dev/null || true
     sleep 0.5
     rm -rf "$WORK"
 }
@@ -54,17 +55,19 @@ FDS=$(ulimit -n)
 MAXCONN=$(( (FDS - 1200) / 2 ))
 IDLE_CONNS=${IDLE_CONNS:-$(( MAXCONN < 10000 ? MAXCONN - 100 : 10000 ))}
 
-# Ports: backends 18081/18082, iperf3 18201, Redis 18202; proxies below.
-B1=18081; B2=18082; IPERF=18201; REDIS=18202
+# Ports: backends 18081/18082, iperf3 18201, Redis 18202, an HTTPS backend
+# 18083 and a port where nothing listens 18099; proxies below.
+B1=18081; B2=18082; IPERF=18201; REDIS=18202; BTLS=18083; DEAD=18099
 declare -A HTTP_PORT=([direct]=$B1 [haproxy]=18101 [haproxy-splice]=18102 [nginx]=18103 [tcplb]=18104 [tcplb-b]=18105 [tcplb-tuned]=18106)
 declare -A IPERF_PORT=([direct]=$IPERF [haproxy]=18111 [haproxy-splice]=18112 [nginx]=18113 [tcplb]=18114 [tcplb-b]=18115 [tcplb-tuned]=18116)
 declare -A REDIS_PORT=([direct]=$REDIS [haproxy]=18131 [haproxy-splice]=18132 [nginx]=18133 [tcplb]=18134 [tcplb-b]=18135 [tcplb-tuned]=18136)
+declare -A TLS_PORT=([direct]=$BTLS [haproxy]=18141 [haproxy-splice]=18142 [nginx]=18143 [tcplb]=18144 [tcplb-b]=18145 [tcplb-tuned]=18146)
 declare -A IDLE_PORT=([haproxy]=18121 [nginx]=18123 [tcplb]=18124 [tcplb-b]=18125 [tcplb-tuned]=18126)
 SINK=18301
 PROXIES=(direct haproxy haproxy-splice nginx tcplb tcplb-tuned)
 [ -n "${TCPLB_B:-}" ] && PROXIES+=(tcplb-b)
 
-require_free_ports $B1 $B2 $IPERF $REDIS $SINK "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${REDIS_PORT[@]}" "${IDLE_PORT[@]}"
+require_free_ports $B1 $B2 $IPERF $REDIS $BTLS $DEAD $SINK "${TLS_PORT[@]}" "${HTTP_PORT[@]}" "${IPERF_PORT[@]}" "${REDIS_PORT[@]}" "${IDLE_PORT[@]}"
 
 # --- backends: two nginx HTTP servers with a short body, one iperf3 server.
 start_http_backends "$WORK" $B1 $B2
@@ -75,6 +78,30 @@ redis-server --bind 127.0.0.1 --port $REDIS --save '' --appendonly no \
     --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
 for _ in $(seq 1 50); do [ -s "$WORK/redis.pid" ] && break; sleep 0.1; done
 PIDS+=("$(cat "$WORK/redis.pid")")
+
+# HTTPS: nginx with an ECDSA certificate for "localhost", the name wrk
+# sends as SNI for https://localhost:PORT/ (it connects to 127.0.0.1 after
+# ::1 refuses). Every proxy routes that name here by SNI, without
+# terminating TLS, and any other name to DEAD: a request that was not
+# routed fails, and wrk_parse counts the run as 0.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+cat > "$WORK/nginx-tls.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx-tls.pid;
+error_log $WORK/nginx-tls.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    server {
+        listen 127.0.0.1:$BTLS ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        location / { return 200 "hello, tls\n"; }
+    }
+}
+CONF
+nginx -c "$WORK/nginx-tls.conf"
 
 # A sink that accepts and holds connections, for the memory test.
 cat > "$WORK/sink.py" <<'PY'
@@ -123,6 +150,24 @@ frontend redis_splice
     default_backend redis
 backend redis
     server r1 127.0.0.1:$REDIS
+frontend tls
+    bind 127.0.0.1:${TLS_PORT[haproxy]}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if { req.ssl_hello_type 1 }
+    use_backend tls if { req.ssl_sni -i localhost }
+    default_backend dead
+frontend tls_splice
+    bind 127.0.0.1:${TLS_PORT[haproxy-splice]}
+    option splice-request
+    option splice-response
+    tcp-request inspect-delay 5s
+    tcp-request content accept if { req.ssl_hello_type 1 }
+    use_backend tls if { req.ssl_sni -i localhost }
+    default_backend dead
+backend tls
+    server t1 127.0.0.1:$BTLS
+backend dead
+    server d1 127.0.0.1:$DEAD
 frontend idle
     bind 127.0.0.1:${IDLE_PORT[haproxy]}
     default_backend idle
@@ -150,6 +195,11 @@ stream {
     upstream iperf { server 127.0.0.1:$IPERF; }
     upstream redis { server 127.0.0.1:$REDIS; }
     upstream idle { server 127.0.0.1:$SINK; }
+    map \$ssl_preread_server_name \$tls_upstream {
+        localhost 127.0.0.1:$BTLS;
+        default 127.0.0.1:$DEAD;
+    }
+    server { listen 127.0.0.1:${TLS_PORT[nginx]} backlog=4096; ssl_preread on; proxy_pass \$tls_upstream; }
     server { listen 127.0.0.1:${HTTP_PORT[nginx]} backlog=4096; proxy_pass http; }
     server { listen 127.0.0.1:${IPERF_PORT[nginx]}; proxy_pass iperf; }
     server { listen 127.0.0.1:${REDIS_PORT[nginx]} backlog=4096; proxy_pass redis; }
@@ -174,6 +224,14 @@ upstreams = ["127.0.0.1:$IPERF"]
 name = "redis"
 listen = "127.0.0.1:${REDIS_PORT[$1]}"
 upstreams = ["127.0.0.1:$REDIS"]
+[[listener]]
+name = "tls"
+listen = "127.0.0.1:${TLS_PORT[$1]}"
+upstreams = ["127.0.0.1:$DEAD"]
+[[listener.route]]
+name = "localhost"
+sni = ["localhost"]
+upstreams = ["127.0.0.1:$BTLS"]
 [[listener]]
 name = "idle"
 listen = "127.0.0.1:${IDLE_PORT[$1]}"
@@ -264,7 +322,7 @@ RESULTS=$WORK/results.txt
 # workload starts, so the figures a ratio compares were taken seconds apart,
 # not a minute (this machine's speed drifts in phases of that length).
 declare -A KA P50 P99 CPU_KA MACH_KA CL CPU_CL MACH_CL I1 I8 KA64 CPU_KA64 RSET RGET CPU_REDIS
-declare -A CPU_I1 CPU_I8 D1 CPU_D1 D8 CPU_D8
+declare -A CPU_I1 CPU_I8 D1 CPU_D1 D8 CPU_D8 TLS CPU_TLS
 for round in $(seq 1 "$ROUNDS"); do
     round_order "$round" "${PROXIES[@]}"
     for p in "${ORDER[@]}"; do
@@ -294,8 +352,12 @@ for round in $(seq 1 "$ROUNDS"); do
     for p in "${ORDER[@]}"; do
         read -r RSET[$p] RGET[$p] CPU_REDIS[$p] < <(redis_run "${REDIS_PORT[$p]}" $(proxy_pids "$p"))
     done
+    # New TLS connections routed by SNI: a handshake and one request each.
     for p in "${ORDER[@]}"; do
-        echo "$round $p ${KA[$p]} ${CL[$p]} ${I1[$p]} ${I8[$p]} ${P50[$p]} ${P99[$p]} ${CPU_KA[$p]} ${CPU_CL[$p]} ${MACH_KA[$p]} ${MACH_CL[$p]} ${KA64[$p]} ${CPU_KA64[$p]} ${RSET[$p]} ${RGET[$p]} ${CPU_REDIS[$p]} ${CPU_I1[$p]} ${CPU_I8[$p]} ${D1[$p]} ${CPU_D1[$p]} ${D8[$p]} ${CPU_D8[$p]}" | tee -a "$RESULTS" >&2
+        read -r TLS[$p] _ _ CPU_TLS[$p] _ < <(wrk_measured "https://localhost:${TLS_PORT[$p]}/" "Connection: close" "${DURATION}s" $(proxy_pids "$p"))
+    done
+    for p in "${ORDER[@]}"; do
+        echo "$round $p ${KA[$p]} ${CL[$p]} ${I1[$p]} ${I8[$p]} ${P50[$p]} ${P99[$p]} ${CPU_KA[$p]} ${CPU_CL[$p]} ${MACH_KA[$p]} ${MACH_CL[$p]} ${KA64[$p]} ${CPU_KA64[$p]} ${RSET[$p]} ${RGET[$p]} ${CPU_REDIS[$p]} ${CPU_I1[$p]} ${CPU_I8[$p]} ${D1[$p]} ${CPU_D1[$p]} ${D8[$p]} ${CPU_D8[$p]} ${TLS[$p]} ${CPU_TLS[$p]}" | tee -a "$RESULTS" >&2
     done
 done
 
@@ -353,7 +415,8 @@ metrics = [("keep-alive req/s", 2), ("conn-close req/s", 3),
            ("machine CPU µs/req (keep-alive)", 10), ("machine CPU µs/req (conn-close)", 11),
            ("keep-alive req/s, 64 KiB responses", 12), ("proxy CPU µs/req (keep-alive, 64 KiB)", 13),
            ("Redis SET req/s (1 KiB values)", 14), ("Redis GET req/s (1 KiB values)", 15),
-           ("proxy CPU µs/req (Redis)", 16)]
+           ("proxy CPU µs/req (Redis)", 16),
+           ("new TLS connections/s, routed by SNI", 23), ("proxy CPU µs/connection (TLS by SNI)", 24)]
 def lower_better(name):  # latency and CPU
     return name.startswith("p50") or name.startswith("p99") or "CPU" in name
 rounds = sorted({r[0] for r in rows})

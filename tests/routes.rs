@@ -164,6 +164,16 @@ async fn tls_clients_are_routed_by_server_name_without_terminating_tls() {
     assert_eq!(routed("api"), 3.0);
     assert_eq!(routed("www"), 2.0);
     assert_eq!(routed("default"), 3.0);
+
+    // The status page and the admin drain know a route as listener edge/api.
+    let admin = lb.admin.unwrap();
+    let (code, status) = http_request(admin, "GET", "/status", "").await;
+    assert_eq!(code, 200);
+    assert!(status.contains("\"edge/api\"") && status.contains(&b[0].to_string()), "{status}");
+    let drain = format!("/backends/drain?listener=edge/api&backend={}", b[0]);
+    let (code, body) = http_request(admin, "POST", &drain, "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("draining"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,12 +201,18 @@ impl ListenerConfig {
     /// The service that runs `route` of this listener: its settings, with
     /// the route's upstreams, strategy and health, and no socket.
     pub fn route_service(&self, route: &route::RouteConfig) -> ListenerConfig {
+        let mut health = route.health.clone();
+        // A `tls` probe names the route's first exact server name, unless
+        // told otherwise: backends behind SNI routing often refuse others.
+        if health.sni.is_none() {
+            health.sni = route.sni.iter().find(|n| !n.starts_with("*.")).cloned();
+        }
         ListenerConfig {
             name: format!("{}/{}", self.name, route.name),
             listen: Vec::new(),
             upstreams: route.upstreams.clone(),
             strategy: route.strategy,
-            health: route.health.clone(),
+            health,
             routes: Vec::new(),
             ..self.clone()
         }
