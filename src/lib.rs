@@ -53,6 +53,7 @@ pub use conn::proxy_protocol;
 pub use control::admin::Admin;
 pub use control::discovery::{Resolve, SystemResolver};
 pub use control::shutdown::Signals;
+pub use control::upgrade::Inherited;
 pub use control::{Error, Handle, Server};
 pub use upstream::{Backend, Pool, Service};
 

@@ -77,7 +77,13 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         // Before anything listens: a signal must never meet its default action.
         let signals = tcplb::Signals::install();
-        match tcplb::Server::bind(config).await {
+        // Started by `tcplb` itself for an upgrade: take its sockets over.
+        let bound = match tcplb::Inherited::from_env() {
+            Ok(Some(inherited)) => tcplb::Server::bind_inheriting(config, inherited).await,
+            Ok(None) => tcplb::Server::bind(config).await,
+            Err(e) => Err(tcplb::Error::Upgrade(e)),
+        };
+        match bound {
             Ok(server) => {
                 let (shutdown, reload) = signals.split(config_path, overrides, server.handle());
                 tokio::spawn(reload);

@@ -48,6 +48,10 @@ pub(super) enum Control {
         /// The result.
         resolved: Vec<Resolved>,
     },
+    /// Start a new binary and hand it the listening sockets.
+    Upgrade(oneshot::Sender<Result<u32, Error>>),
+    /// The new binary took over (its pid), or did not.
+    Upgraded(Result<u32, String>, oneshot::Sender<Result<u32, Error>>),
 }
 
 /// A cheap, cloneable handle on a server: reload it, look at it.
@@ -73,6 +77,16 @@ impl Handle {
             .send(Control::Reload(Box::new(config), tx))
             .await
             .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Starts the binary anew (argv\[0\], same arguments) and hands it every
+    /// listening socket; once it accepts on all of them this process stops
+    /// accepting and drains. Returns the new process's pid; on error this
+    /// process goes on serving.
+    pub async fn upgrade(&self) -> Result<u32, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Upgrade(tx)).await.map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 

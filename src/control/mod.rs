@@ -14,6 +14,7 @@ pub mod probe;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
@@ -41,6 +42,9 @@ pub enum Error {
     /// The server is no longer running.
     #[error("tcplb is shutting down")]
     Stopped,
+    /// A binary upgrade did not happen; the running process goes on.
+    #[error("upgrade failed: {0}")]
+    Upgrade(String),
 }
 
 impl Error {

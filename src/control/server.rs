@@ -12,13 +12,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -29,6 +30,7 @@ use crate::conn::workers::Workers;
 use crate::control::discovery::{self, Resolve, SystemResolver};
 use crate::control::handle::{Control, Handle, ServerView};
 use crate::control::reload::assemble;
+use crate::control::upgrade::{self, Handover, Inherited};
 use crate::control::{admin, metrics, probe, Error};
 use crate::stats;
 use crate::upstream::{Backend, Pool, Service};
@@ -53,6 +55,8 @@ pub struct Server {
     view: Arc<ServerView>,
     /// The admin endpoint's socket and bearer token, when enabled.
     admin: Option<(TcpListener, Option<String>)>,
+    /// The process this one took its sockets from: told when all accept.
+    predecessor: Option<Inherited>,
 }
 
 impl std::fmt::Debug for Server {
@@ -69,6 +73,20 @@ impl Server {
 
     /// Like [`Server::bind`] with a given resolver.
     pub async fn bind_with(config: Config, resolver: Arc<dyn Resolve>) -> Result<Server, Error> {
+        Self::bind_all(config, resolver, None).await
+    }
+
+    /// Like [`Server::bind`], taking the listening sockets `inherited` from
+    /// the process being upgraded where it has them (the others are bound).
+    pub async fn bind_inheriting(config: Config, inherited: Inherited) -> Result<Server, Error> {
+        Self::bind_all(config, Arc::new(SystemResolver), Some(inherited)).await
+    }
+
+    async fn bind_all(
+        config: Config,
+        resolver: Arc<dyn Resolve>,
+        mut inherited: Option<Inherited>,
+    ) -> Result<Server, Error> {
         for cfg in &config.listeners {
             cfg.validate().map_err(Error::Config)?;
         }
@@ -81,7 +99,11 @@ impl Server {
             let assembled = assemble(cfg, &resolved, &[]);
             let mut sockets = Vec::with_capacity(cfg.listen.len());
             for &addr in &cfg.listen {
-                sockets.push((addr, bind(addr, cfg, config.workers())?));
+                let group = match inherited.as_mut().and_then(|i| i.take(addr)) {
+                    Some(group) => group,
+                    None => bind(addr, cfg, config.workers())?,
+                };
+                sockets.push((addr, group));
             }
             let pool = Pool::new(assembled.backends, cfg.strategy);
             listeners.push((Arc::new(Service::new(cfg.clone(), pool)), sockets));
@@ -92,8 +114,15 @@ impl Server {
                     Some(path) => Some(read_token(path)?),
                     None => None,
                 };
-                let socket = listener::bind(a.listen, 128)
-                    .map_err(|source| Error::Bind { addr: a.listen, source })?;
+                let taken = inherited.as_mut().and_then(|i| i.take_admin(a.listen));
+                let socket = match taken {
+                    Some(s) => s
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpListener::from_std(s))
+                        .map_err(|source| Error::Bind { addr: a.listen, source })?,
+                    None => listener::bind(a.listen, 128)
+                        .map_err(|source| Error::Bind { addr: a.listen, source })?,
+                };
                 Some((socket, token))
             }
             None => None,
@@ -103,7 +132,11 @@ impl Server {
         let view = Arc::new(ServerView::default());
         view.services.store(Arc::new(services));
         let (control_tx, control_rx) = mpsc::channel(16);
-        Ok(Server { config, resolver, listeners, control_tx, control_rx, view, admin })
+        if let Some(gone) = inherited.as_ref().map(Inherited::unclaimed).filter(|g| !g.is_empty()) {
+            warn!(addresses = ?gone, "the old process listened on addresses this configuration does not name: closing them");
+        }
+        let predecessor = inherited;
+        Ok(Server { config, resolver, listeners, control_tx, control_rx, view, admin, predecessor })
     }
 
     /// The bound addresses, in the order given (real ports when 0 was asked).
@@ -143,7 +176,16 @@ impl Server {
                 return;
             }
         };
-        let Server { config, resolver, listeners, control_tx, mut control_rx, view, admin } = self;
+        let Server {
+            config,
+            resolver,
+            listeners,
+            control_tx,
+            mut control_rx,
+            view,
+            admin,
+            predecessor,
+        } = self;
         let mut running = Running {
             resolver,
             view,
@@ -157,6 +199,10 @@ impl Server {
             accepting: TaskTracker::new(),
             listeners: Vec::new(),
             workers,
+            admin_socket: None,
+            admin_stop: CancellationToken::new(),
+            upgrading: false,
+            handed_over: false,
         };
         let _ = running.view.workers.set(Arc::clone(&running.workers.set));
         for (svc, sockets) in listeners {
@@ -167,15 +213,37 @@ impl Server {
             let addr =
                 socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
             info!(%addr, "admin endpoint listening");
+            running.admin_socket = socket.as_fd().try_clone_to_owned().ok().map(|fd| (addr, fd));
             let metrics = metrics::registry(Arc::clone(&running.view));
             let admin = Arc::new(admin::Admin::new(handle, metrics, token, addr));
-            tokio::spawn(admin::serve(socket, admin, running.kill.clone()));
+            running.admin_stop = running.kill.child_token();
+            tokio::spawn(admin::serve(socket, admin, running.admin_stop.clone()));
         }
 
         // systemd (Type=notify): ready once every socket is bound and
         // accepting; a no-op without NOTIFY_SOCKET.
         let listening = format!("listening: {} listener(s)", running.listeners.len());
-        notify(&[NotifyState::Ready, NotifyState::Status(&listening)]);
+        if let Some(predecessor) = predecessor {
+            // Every socket accepts here: the old process may stop. Under
+            // systemd this process becomes the service's main process
+            // (the unit needs NotifyAccess=all).
+            match predecessor.ready() {
+                Ok(()) => {
+                    info!(pid = std::process::id(), "upgrade: took the listening sockets over")
+                }
+                Err(e) => {
+                    warn!(error = %e, "upgrade: cannot tell the old process; it keeps accepting too")
+                }
+            }
+            let pid = std::process::id();
+            notify(&[
+                NotifyState::MainPid(pid),
+                NotifyState::Ready,
+                NotifyState::Status(&listening),
+            ]);
+        } else {
+            notify(&[NotifyState::Ready, NotifyState::Status(&listening)]);
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -200,6 +268,12 @@ impl Server {
                     }
                     Control::Resolved { service, upstreams, resolved } => {
                         running.apply_dns(&service, &upstreams, &resolved);
+                    }
+                    Control::Upgrade(reply) => running.start_upgrade(reply),
+                    Control::Upgraded(result, reply) => {
+                        if running.finish_upgrade(result, reply) {
+                            break;
+                        }
                     }
                 },
             }
@@ -341,6 +415,16 @@ pub(super) struct Running {
     pub(super) listeners: Vec<RunningListener>,
     /// The data-plane threads.
     pub(super) workers: Workers,
+    /// A duplicate of the admin endpoint's socket, for an upgrade.
+    pub(super) admin_socket: Option<(SocketAddr, OwnedFd)>,
+    /// Stops the admin endpoint (at the drain deadline, or at once when an
+    /// upgrade handed its socket over).
+    pub(super) admin_stop: CancellationToken,
+    /// An upgrade is under way.
+    pub(super) upgrading: bool,
+    /// The sockets went to a new process: drain without telling systemd
+    /// (the service goes on, in the new process).
+    pub(super) handed_over: bool,
 }
 
 /// One running listener.
@@ -361,6 +445,8 @@ pub(super) struct BoundSocket {
     pub(super) local: SocketAddr,
     /// Stops its accept loop, which closes it.
     pub(super) stop: CancellationToken,
+    /// Duplicates of its sockets, to hand to a new process on upgrade.
+    pub(super) handover: Vec<OwnedFd>,
 }
 
 impl BoundSocket {
@@ -415,20 +501,74 @@ impl Running {
     ) {
         let token = running.stop.child_token();
         let local = group.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
+        let handover = group.iter().filter_map(|s| s.as_fd().try_clone_to_owned().ok()).collect();
         for (i, socket) in group.into_iter().enumerate() {
             let worker = i % self.workers.set.count();
             let ctx = self.accept_context(token.clone(), worker);
             let accept = listener::accept_loop(socket, Arc::clone(&running.service), ctx);
             self.workers.set.slot(worker).handle().spawn(self.accepting.track_future(accept));
         }
-        running.sockets.push(BoundSocket { configured: addr, local, stop: token });
+        running.sockets.push(BoundSocket { configured: addr, local, stop: token, handover });
         running.service.set_bound(running.sockets.iter().map(|b| b.local).collect());
+    }
+
+    /// Starts a new binary and hands it the sockets, without waiting here:
+    /// the control loop goes on until it answers ([`Control::Upgraded`]).
+    fn start_upgrade(&mut self, reply: oneshot::Sender<Result<u32, Error>>) {
+        if self.upgrading {
+            let _ = reply.send(Err(Error::Upgrade("an upgrade is already under way".into())));
+            return;
+        }
+        self.upgrading = true;
+        let mut handover = Handover::default();
+        for listener in &self.listeners {
+            for socket in &listener.sockets {
+                let fds = socket.handover.iter().filter_map(|f| f.try_clone().ok()).collect();
+                handover.groups.push((socket.configured, socket.local, fds));
+            }
+        }
+        handover.admin =
+            self.admin_socket.as_ref().and_then(|(addr, fd)| Some((*addr, fd.try_clone().ok()?)));
+        info!(
+            sockets = handover.groups.iter().map(|g| g.2.len()).sum::<usize>(),
+            "upgrade: starting the new binary"
+        );
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let result = upgrade::start_successor(handover).await;
+            let _ = control.send(Control::Upgraded(result, reply)).await;
+        });
+    }
+
+    /// Whether the new process took over (then this one drains).
+    fn finish_upgrade(
+        &mut self,
+        result: Result<u32, String>,
+        reply: oneshot::Sender<Result<u32, Error>>,
+    ) -> bool {
+        self.upgrading = false;
+        match result {
+            Ok(pid) => {
+                info!(new_pid = pid, "upgrade: the new process accepts on every socket; this one stops accepting and drains");
+                self.handed_over = true;
+                self.admin_stop.cancel();
+                let _ = reply.send(Ok(pid));
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "upgrade failed: this process goes on serving");
+                let _ = reply.send(Err(Error::Upgrade(e)));
+                false
+            }
+        }
     }
 
     /// Stops accepting, waits for connections up to the drain timeout, then
     /// closes what remains.
     async fn drain(self) {
-        notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        if !self.handed_over {
+            notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        }
         self.view.draining.store(true, Ordering::Relaxed);
         self.stop.cancel();
         // Listeners are closed once their loops return: new connects are refused.

@@ -1,5 +1,6 @@
 //! Process signals: the first SIGTERM or SIGINT starts a drain; a second
-//! SIGINT exits at once; SIGHUP reloads the configuration file.
+//! SIGINT exits at once; SIGHUP reloads the configuration file; SIGUSR2
+//! upgrades the binary in place (`upgrade`).
 
 use std::path::PathBuf;
 
@@ -15,8 +16,9 @@ const FORCED_EXIT: i32 = 130;
 /// no signal can arrive while its default action (terminate) still applies.
 #[derive(Debug)]
 pub struct Signals {
-    /// SIGTERM, SIGINT and SIGHUP streams (None when they could not be installed).
-    streams: Option<(Signal, Signal, Signal)>,
+    /// SIGTERM, SIGINT, SIGHUP and SIGUSR2 streams (None when they could
+    /// not be installed).
+    streams: Option<(Signal, Signal, Signal, Signal)>,
 }
 
 use tokio::signal::unix::Signal;
@@ -29,9 +31,10 @@ impl Signals {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined2()),
         ) {
-            (Ok(t), Ok(i), Ok(h)) => Some((t, i, h)),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            (Ok(t), Ok(i), Ok(h), Ok(u)) => Some((t, i, h, u)),
+            (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
                 warn!(error = %e, "cannot install signal handlers; only Ctrl-C will stop tcplb");
                 None
             }
@@ -39,19 +42,24 @@ impl Signals {
         Signals { streams }
     }
 
-    /// Splits into the shutdown future and the SIGHUP reload task, which
-    /// applies `overrides` (the command line's) over every reloaded file.
+    /// Splits into the shutdown future and the task that answers SIGHUP (a
+    /// reload, with `overrides`, the command line's, over every reloaded
+    /// file) and SIGUSR2 (an upgrade).
     pub fn split(
         self,
         config: Option<PathBuf>,
         overrides: Overrides,
         handle: Handle,
     ) -> (impl std::future::Future<Output = ()>, impl std::future::Future<Output = ()>) {
-        let (term_int, hup) = match self.streams {
-            Some((t, i, h)) => (Some((t, i)), Some(h)),
-            None => (None, None),
+        let (term_int, hup, usr2) = match self.streams {
+            Some((t, i, h, u)) => (Some((t, i)), Some(h), Some(u)),
+            None => (None, None, None),
         };
-        (shutdown(term_int), reload_on_hangup(hup, config, overrides, handle))
+        let upgrade = upgrade_on_usr2(usr2, handle.clone());
+        let reload = reload_on_hangup(hup, config, overrides, handle);
+        (shutdown(term_int), async move {
+            tokio::join!(reload, upgrade);
+        })
     }
 }
 
@@ -71,6 +79,15 @@ async fn shutdown(streams: Option<(Signal, Signal)>) {
         warn!("second SIGINT: exiting now");
         std::process::exit(FORCED_EXIT);
     });
+}
+
+/// On every SIGUSR2, starts an upgrade; the control loop logs how it went.
+async fn upgrade_on_usr2(usr2: Option<Signal>, handle: Handle) {
+    let Some(mut usr2) = usr2 else { return };
+    while usr2.recv().await.is_some() {
+        info!("SIGUSR2: upgrading in place");
+        let _ = handle.upgrade().await;
+    }
 }
 
 /// On every SIGHUP, re-reads and validates `path` and applies it, with the
