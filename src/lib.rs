@@ -67,4 +67,5 @@ pub mod metrics {
 pub mod parse {
     pub use crate::conn::http::{sniff, Sniff};
     pub use crate::conn::replay::{verdict, Verdict};
+    pub use crate::conn::tls::{client_hello, server_answer, Hello};
 }

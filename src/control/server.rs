@@ -565,10 +565,18 @@ impl Running {
 
     /// Stops accepting, waits for connections up to the drain timeout, then
     /// closes what remains.
-    async fn drain(self) {
+    async fn drain(mut self) {
         if !self.handed_over {
             notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
         }
+        // The duplicates kept for an upgrade would hold the sockets open
+        // (and queue connections no one accepts) once the accept loops end.
+        for listener in &mut self.listeners {
+            for socket in &mut listener.sockets {
+                socket.handover.clear();
+            }
+        }
+        self.admin_socket = None;
         self.view.draining.store(true, Ordering::Relaxed);
         self.stop.cancel();
         // Listeners are closed once their loops return: new connects are refused.
