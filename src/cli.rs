@@ -115,6 +115,19 @@ pub struct Cli {
     #[arg(long, env = "TCPLB_MAX_CONNECTIONS", conflicts_with = "config", value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_parser = config::parse_positive)]
     pub max_connections: usize,
 
+    /// Connections one client address may hold at once; more are closed at once (the PROXY header's address with --accept-proxy).
+    #[arg(long, env = "TCPLB_MAX_CONNECTIONS_PER_CLIENT", conflicts_with = "config", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: Option<u32>,
+
+    /// New connections one client address may open: COUNT/WINDOW (20/s, 600/m), a token bucket holding one window's worth.
+    #[arg(
+        long,
+        env = "TCPLB_CONNECTION_RATE_PER_CLIENT",
+        conflicts_with = "config",
+        value_name = "RATE"
+    )]
+    pub connection_rate_per_client: Option<config::Rate>,
+
     /// What tcplb may say when no backend can be reached: auto answers HTTP
     /// clients with 502/503/504 and closes others; tcp never writes a byte.
     #[arg(long, env = "TCPLB_PROTOCOL", conflicts_with = "config", value_enum, default_value_t = config::DEFAULT_PROTOCOL)]
@@ -338,6 +351,8 @@ impl Cli {
         listener.allow = self.allow;
         listener.deny = self.deny;
         listener.accept_proxy_from = self.accept_proxy_from;
+        listener.max_connections_per_client = self.max_connections_per_client;
+        listener.connection_rate_per_client = self.connection_rate_per_client;
         for r in self.route {
             if listener.routes.iter().any(|other| other.name == r.name) {
                 return Err(format!("--route {} is given twice", r.name));

@@ -107,6 +107,9 @@ struct RawListener {
     backlog: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
     route: Option<Vec<Spanned<RawRoute>>>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    connection_rate_per_client: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,6 +527,20 @@ impl Validator<'_> {
         }
         if let Some(h) = &r.health {
             self.health(h.get_ref(), &mut listener.health);
+        }
+        if let Some(n) = &r.max_connections {
+            listener.max_connections =
+                self.count(n, "max_connections", 1, 10_000_000).map(|n| n as usize);
+        }
+        if let Some(n) = &r.max_connections_per_client {
+            listener.max_connections_per_client =
+                self.count(n, "max_connections_per_client", 1, 1_000_000).map(|n| n as u32);
+        }
+        if let Some(rate) = &r.connection_rate_per_client {
+            match rate.get_ref().parse::<crate::config::Rate>() {
+                Ok(rate) => listener.connection_rate_per_client = Some(rate),
+                Err(e) => self.error(rate.span(), format!("connection_rate_per_client: {e}")),
+            }
         }
     }
 

@@ -195,6 +195,12 @@ pub struct ListenerConfig {
     /// Clients routed by TLS server name or HTTP Host to pools of their
     /// own; `upstreams` is then the default pool, and may be empty.
     pub routes: Vec<route::RouteConfig>,
+    /// Connections this listener holds at most (None: only the global limit).
+    pub max_connections: Option<usize>,
+    /// Connections one client address holds at most.
+    pub max_connections_per_client: Option<u32>,
+    /// New connections one client address may open (a token bucket).
+    pub connection_rate_per_client: Option<Rate>,
 }
 
 impl ListenerConfig {
@@ -215,6 +221,15 @@ impl ListenerConfig {
             health,
             routes: Vec::new(),
             ..self.clone()
+        }
+    }
+
+    /// The share limits its connections are admitted under.
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            listener: self.max_connections,
+            per_client: self.max_connections_per_client,
+            rate: self.connection_rate_per_client,
         }
     }
 
@@ -297,6 +312,9 @@ impl ListenerConfig {
             deny: Vec::new(),
             accept_proxy_from: Vec::new(),
             routes: Vec::new(),
+            max_connections: None,
+            max_connections_per_client: None,
+            connection_rate_per_client: None,
         }
     }
 }
@@ -391,6 +409,74 @@ pub enum Protocol {
     Tcp,
     /// Like auto; the service is known to be HTTP.
     Http,
+}
+
+/// The share limits of one listener's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClientLimits {
+    /// Connections the listener holds at most.
+    pub listener: Option<usize>,
+    /// Connections one client address holds at most.
+    pub per_client: Option<u32>,
+    /// New connections per client address.
+    pub rate: Option<Rate>,
+}
+
+impl ClientLimits {
+    /// Whether any limit is set (otherwise nothing is counted).
+    pub fn any(&self) -> bool {
+        self.listener.is_some() || self.per_client.is_some() || self.rate.is_some()
+    }
+}
+
+/// A rate of new connections, `20/s`, `600/m`, `5/10s`: that many per
+/// window, as a token bucket that holds one window's worth (the burst).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Connections per window, and the bucket's size.
+    pub count: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Tokens added per second.
+    pub fn per_second(self) -> f64 {
+        f64::from(self.count) / self.per.as_secs_f64()
+    }
+
+    /// The bucket's size.
+    pub fn burst(self) -> f64 {
+        f64::from(self.count.max(1))
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("bad rate '{s}': expected COUNT/WINDOW such as 20/s, 600/m or 5/10s");
+        let (count, window) = s.split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let per = match window.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => parse_duration(other).map_err(|_| bad())?,
+        };
+        if count == 0 || per.is_zero() {
+            return Err(format!(
+                "bad rate '{s}': both the count and the window must be more than 0"
+            ));
+        }
+        Ok(Rate { count, per })
+    }
 }
 
 /// Active health-check settings of one listener.

@@ -71,6 +71,9 @@ const LISTENER: &[(&str, Kind)] = &[
     ("backlog", Kind::Int),
     ("health", Kind::Table(HEALTH)),
     ("route", Kind::Tables(ROUTE)),
+    ("max_connections", Kind::Int),
+    ("max_connections_per_client", Kind::Int),
+    ("connection_rate_per_client", Kind::Str),
 ];
 
 const ADMIN: &[(&str, Kind)] = &[("listen", Kind::Str), ("token_file", Kind::Str)];

@@ -26,12 +26,15 @@ use crate::conn::replay::{self, FirstOutcome, Held};
 use crate::conn::route;
 use crate::io::{describe_io, reset_on_close, write_all};
 use crate::stats::Throttle;
+use crate::upstream::clients::{Admission, Refusal};
 use crate::upstream::{Candidates, Service, Snapshot};
 
 /// Bad PROXY headers: anyone who can connect can send them.
 static BAD_PROXY_HEADER: Throttle = Throttle::new();
 /// Peers not trusted to send a PROXY header.
 static UNTRUSTED_PEER: Throttle = Throttle::new();
+/// Clients over a share limit: one client may open thousands a second.
+static OVER_LIMIT: Throttle = Throttle::new();
 
 /// Serves one client connection to its end, then writes its access-log event.
 pub async fn serve(
@@ -56,6 +59,7 @@ pub async fn serve(
         sent: 0,
         received: 0,
         routed: None,
+        admission: None,
     };
     if let Err(ending) = conn.admit().await {
         return conn.log(ending);
@@ -113,6 +117,8 @@ struct Connection<'a> {
     /// On a listener with routes: where the route phase sent it, and what
     /// it read there (boxed: one pointer for connections without routes).
     routed: Option<Box<Routed>>,
+    /// Its place under the listener's share limits, given back at its end.
+    admission: Option<Box<Admission>>,
 }
 
 /// What choosing a route read and found.
@@ -224,6 +230,23 @@ impl<'a> Connection<'a> {
             svc.stats.denied.fetch_add(1, Ordering::Relaxed);
             debug!(listener = %svc.name, client = %self.ends.client, "client denied by allow/deny rules");
             return Err(Ending::new("denied"));
+        }
+        let limits = cfg.client_limits();
+        if limits.any() {
+            let now = std::time::Instant::now();
+            match svc.clients.admit(self.ends.client.ip(), &limits, now) {
+                Ok(admission) => self.admission = Some(Box::new(admission)),
+                Err(why) => {
+                    if let Some(suppressed) = OVER_LIMIT.allow() {
+                        warn!(listener = %svc.name, client = %self.ends.client, limit = why.as_str(), suppressed, "closing connection: over its share limit");
+                    }
+                    return Err(Ending::new(match why {
+                        Refusal::Listener => "listener full",
+                        Refusal::ClientConnections => "client connection limit",
+                        Refusal::ClientRate => "client rate limit",
+                    }));
+                }
+            }
         }
         Ok(())
     }

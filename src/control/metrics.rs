@@ -18,6 +18,7 @@ use crate::stats::{
     LOG_LINES_DROPPED, RELOADS_APPLIED, RELOADS_FAILED, SPLICED_BYTES, SPLICE_PIPES, SYNTHESIZED,
     WORKER_HANDOFFS,
 };
+use crate::upstream::clients::Refusal;
 use crate::upstream::{ConnectFailure, Service};
 
 /// Where the collector finds the live listeners.
@@ -322,6 +323,31 @@ impl<S: Source> Collector for LiveCollector<S> {
             MetricType::Counter,
             services.iter().zip(&names).filter(|(s, _)| !s.snapshot().config.routes.is_empty()).map(
                 |(s, n)| (vec![("listener", n.as_str())], s.stats.unrouted.load(Ordering::Relaxed)),
+            ),
+        )?;
+        let limited: Vec<(&str, &'static str, u64)> = services
+            .iter()
+            .zip(&names)
+            .filter(|(s, _)| s.snapshot().config.client_limits().any())
+            .flat_map(|(s, n)| {
+                [Refusal::Listener, Refusal::ClientConnections, Refusal::ClientRate]
+                    .map(|why| (n.as_str(), why.as_str(), s.clients.refused(why)))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "tcplb_limited_connections",
+            "Clients closed at once by a share limit: the listener's max_connections, or a client's connections or rate.",
+            MetricType::Counter,
+            limited.iter().map(|&(l, why, n)| (vec![("listener", l), ("limit", why)], n)),
+        )?;
+        family(
+            &mut encoder,
+            "tcplb_clients_untracked",
+            "Clients let through without per-client limits because the listener's table of clients was full of clients holding connections.",
+            MetricType::Counter,
+            services.iter().zip(&names).filter(|(s, _)| s.snapshot().config.client_limits().any()).map(
+                |(s, n)| (vec![("listener", n.as_str())], s.clients.untracked()),
             ),
         )?;
         family(

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod balance;
+pub mod clients;
 pub mod health;
 pub mod pool;
 pub mod service;

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::{HealthCheck, ListenerConfig};
 use crate::stats::ListenerStats;
+use crate::upstream::clients::ClientTable;
 use crate::upstream::{Backend, Pool};
 
 /// Settings and pool at one point in time.
@@ -54,6 +55,8 @@ pub struct Service {
     panic: AtomicBool,
     /// Counters and histograms that are per listener, not per backend.
     pub stats: ListenerStats,
+    /// Its connections in all and per client, for the share limits.
+    pub clients: Arc<ClientTable>,
     /// The addresses its sockets are bound to now.
     bound: Mutex<Vec<SocketAddr>>,
     /// Backends a reload or DNS change removed that still held connections
@@ -73,6 +76,7 @@ impl Service {
             current: ArcSwap::from_pointee(Snapshot::new(config, pool)),
             panic: AtomicBool::new(false),
             stats: ListenerStats::default(),
+            clients: Arc::default(),
             bound: Mutex::new(Vec::new()),
             removed: Mutex::new(Vec::new()),
             routes: ArcSwap::from_pointee(Vec::new()),
