@@ -178,7 +178,7 @@ fn random_bytes() -> [u8; 32] {
     out
 }
 
-/// How a server answered [`probe_hello`]: `None` while more bytes are
+/// How a server answered the `tls` probe's ClientHello: `None` while more bytes are
 /// needed, then Ok (a ServerHello or HelloRetryRequest) or Err saying what
 /// came instead.
 pub fn server_answer(buf: &[u8]) -> Option<Result<String, String>> {
