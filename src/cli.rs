@@ -340,7 +340,7 @@ impl Cli {
             rise: self.rise,
             fall: self.fall,
             send_proxy: self.health_send_proxy,
-            sni: None,
+            ..HealthConfig::default()
         };
         listener.strategy = self.strategy;
         listener.send_proxy = self.send_proxy;

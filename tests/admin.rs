@@ -132,7 +132,7 @@ async fn readyz_waits_for_a_passing_health_check() {
             rise: 1,
             fall: 3,
             send_proxy: false,
-            sni: None,
+            ..HealthConfig::default()
         };
     };
     // Every backend dead: never ready, not even before the first checks.

@@ -115,7 +115,7 @@ async fn backends_killed_every_second_affect_only_their_own_connections() {
         rise: 1,
         fall: 2,
         send_proxy: false,
-        sni: None,
+        ..HealthConfig::default()
     };
     let lb = start_one(l).await;
 

@@ -27,7 +27,7 @@ fn checked(check: HealthCheck) -> HealthConfig {
         rise: 2,
         fall: 2,
         send_proxy: false,
-        sni: None,
+        ..HealthConfig::default()
     }
 }
 

@@ -20,7 +20,7 @@ fn fast_health(check: HealthCheck) -> HealthConfig {
         rise: 2,
         fall: 3,
         send_proxy: false,
-        sni: None,
+        ..HealthConfig::default()
     }
 }
 
@@ -33,7 +33,7 @@ fn passive_only(fall: u32) -> HealthConfig {
         rise: 2,
         fall,
         send_proxy: false,
-        sni: None,
+        ..HealthConfig::default()
     }
 }
 

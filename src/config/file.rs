@@ -137,6 +137,9 @@ struct RawHealth {
     expect: Option<Spanned<String>>,
     expect_hex: Option<Spanned<String>>,
     sni: Option<Spanned<String>>,
+    ejection_time: Option<Spanned<String>>,
+    max_ejection_time: Option<Spanned<String>>,
+    max_ejection_percent: Option<Spanned<i64>>,
 }
 
 /// Collects problems while turning raw values into a [`Config`].
@@ -582,6 +585,19 @@ impl Validator<'_> {
             }
         }
         self.send_expect(h, health);
+        if let Some(d) = &h.ejection_time {
+            health.ejection_time = self.optional_duration(d, "ejection_time").flatten();
+        }
+        if let Some(d) = &h.max_ejection_time {
+            if let Some(d) = self.positive_duration(d, "max_ejection_time") {
+                health.max_ejection_time = d;
+            }
+        }
+        if let Some(n) = &h.max_ejection_percent {
+            if let Some(n) = self.count(n, "max_ejection_percent", 1, 100) {
+                health.max_ejection_percent = n as u32;
+            }
+        }
     }
 
     /// One `[[listener.route]]`: its names, and its upstreams, strategy and

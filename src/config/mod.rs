@@ -44,6 +44,10 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 /// Default active probe: a TCP connect.
 pub const DEFAULT_HEALTH_CHECK: HealthCheck = HealthCheck::Connect;
+/// The longest an outlier ejection lasts (Envoy's default).
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+/// The share of a pool ejected at most (Envoy's default; one at least).
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 /// Default protocol mode.
 pub const DEFAULT_PROTOCOL: Protocol = Protocol::Auto;
 /// Default selection strategy.
@@ -497,6 +501,13 @@ pub struct HealthConfig {
     /// The server name a `tls` probe's ClientHello carries (HAProxy's
     /// check-sni); none when not given.
     pub sni: Option<String>,
+    /// Outlier ejection: a backend that real connections take down stays
+    /// out this long, doubled for each ejection in a row (None: off).
+    pub ejection_time: Option<Duration>,
+    /// The longest an ejection lasts.
+    pub max_ejection_time: Duration,
+    /// At most this share of a pool is ejected at once (at least one backend).
+    pub max_ejection_percent: u32,
 }
 
 impl Default for HealthConfig {
@@ -509,6 +520,9 @@ impl Default for HealthConfig {
             fall: DEFAULT_FALL,
             send_proxy: false,
             sni: None,
+            ejection_time: None,
+            max_ejection_time: DEFAULT_MAX_EJECTION_TIME,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
         }
     }
 }

@@ -37,6 +37,9 @@ const HEALTH: &[(&str, Kind)] = &[
     ("expect", Kind::Str),
     ("expect_hex", Kind::Str),
     ("sni", Kind::Str),
+    ("ejection_time", Kind::Str),
+    ("max_ejection_time", Kind::Str),
+    ("max_ejection_percent", Kind::Int),
 ];
 
 const ROUTE: &[(&str, Kind)] = &[

@@ -130,7 +130,7 @@ pub(crate) async fn connect(
                 }
                 backend.record_connect_failure(e.reason());
                 if snap.passive_health() {
-                    backend.record_passive_failure(&svc.name, &reason);
+                    snap.record_passive_failure(backend, &svc.name, &reason);
                 }
                 status = match e {
                     ConnectError::Timeout => Status::GatewayTimeout,

@@ -439,7 +439,7 @@ impl<'a> Connection<'a> {
         let reason = error.as_ref().map_or_else(|| "closed before answering".into(), describe_io);
         debug!(listener = %svc.name, client = %self.ends.client, backend = %up.backend.addr, %reason, "backend closed early");
         if snap.passive_health() {
-            up.backend.record_passive_failure(&svc.name, &reason);
+            snap.record_passive_failure(&up.backend, &svc.name, &reason);
         }
         // The backend may have closed before the client said anything:
         // read enough of the request to judge it.
@@ -510,7 +510,7 @@ impl<'a> Connection<'a> {
                 .error
                 .as_ref()
                 .map_or_else(|| "closed before answering".into(), describe_io);
-            up.backend.record_passive_failure(&self.svc.name, &reason);
+            self.snap.record_passive_failure(&up.backend, &self.svc.name, &reason);
         }
         Ending::with_error(outcome.end.as_str(), outcome.error)
     }

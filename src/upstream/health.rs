@@ -84,6 +84,30 @@ impl Health {
         }
     }
 
+    /// A real connection failed, under outlier ejection: the fall-th
+    /// failure in a row ejects the backend for `ejection`'s time (doubled
+    /// for each ejection in a row, capped), during which probes cannot bring
+    /// it back; with `may_eject` false (the pool has ejected enough) the
+    /// failure is counted but the backend stays up. Returns the transition
+    /// and how long the ejection lasts.
+    pub fn observe_passive_failure(
+        &self,
+        ejection: Ejection,
+        may_eject: bool,
+    ) -> Option<(Transition, Duration)> {
+        let mut c = self.lock();
+        let t = c.eject_on_failure(ejection, may_eject, Instant::now());
+        self.up.store(c.up, Ordering::Relaxed);
+        self.failing.store(c.fail > 0, Ordering::Relaxed);
+        t
+    }
+
+    /// Whether the backend is down and its ejection has not run out.
+    pub fn is_ejected(&self) -> bool {
+        let c = self.lock();
+        !c.up && c.ejected_until.is_some_and(|until| Instant::now() < until)
+    }
+
     /// Records one result (probe or real connect) and returns the transition it caused.
     pub fn observe(&self, ok: bool) -> Option<Transition> {
         if ok && !self.failing.load(Ordering::Relaxed) && self.is_up() {
@@ -117,11 +141,58 @@ struct Counter {
     fail: u32,
     /// When the current state began.
     since: Instant,
+    /// Until when probes may not bring it back (outlier ejection).
+    ejected_until: Option<Instant>,
+    /// Ejections in a row: each doubles the next one's time.
+    ejections: u32,
+}
+
+/// Outlier ejection's times (`ejection_time`, `max_ejection_time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// The first ejection's time.
+    pub base: Duration,
+    /// The longest an ejection lasts.
+    pub max: Duration,
 }
 
 impl Counter {
     fn new(rise: u32, fall: u32, now: Instant) -> Self {
-        Counter { rise: rise.max(1), fall: fall.max(1), up: true, ok: 0, fail: 0, since: now }
+        Counter {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            up: true,
+            ok: 0,
+            fail: 0,
+            since: now,
+            ejected_until: None,
+            ejections: 0,
+        }
+    }
+
+    fn eject_on_failure(
+        &mut self,
+        ejection: Ejection,
+        may_eject: bool,
+        now: Instant,
+    ) -> Option<(Transition, Duration)> {
+        if self.up && !may_eject && self.fail + 1 >= self.fall {
+            // Enough of the pool is out already: count, but keep it in.
+            self.fail = self.fall - 1;
+            self.ok = 0;
+            return None;
+        }
+        let t = self.observe(false, now)?;
+        // A backend that stayed up for longer than the longest ejection
+        // since it came back starts again from the first ejection's time.
+        if matches!(t, Transition::Down { after } if after > ejection.max) {
+            self.ejections = 0;
+        }
+        let factor = 1u32 << self.ejections.min(16);
+        let time = ejection.base.saturating_mul(factor).min(ejection.max);
+        self.ejections += 1;
+        self.ejected_until = Some(now + time);
+        Some((t, time))
     }
 
     fn observe(&mut self, ok: bool, now: Instant) -> Option<Transition> {
@@ -130,6 +201,9 @@ impl Counter {
             self.fail = 0;
             if self.up {
                 return None;
+            }
+            if self.ejected_until.is_some_and(|until| now < until) {
+                return None; // still ejected: probes wait it out
             }
             self.ok += 1;
             if self.ok >= self.rise {
@@ -225,6 +299,45 @@ mod tests {
         c.observe(false, t0);
         assert_eq!(c.observe(true, t0), None);
         assert!(c.observe(true, t0).is_some());
+    }
+
+    #[test]
+    fn ejections_double_up_to_the_cap_and_hold_off_probes() {
+        let e = Ejection { base: Duration::from_secs(10), max: Duration::from_secs(35) };
+        let t0 = Instant::now();
+        let mut c = Counter::new(1, 2, t0);
+        assert_eq!(c.eject_on_failure(e, true, t0), None);
+        let (t, time) = c.eject_on_failure(e, true, t0).unwrap();
+        assert!(matches!(t, Transition::Down { .. }));
+        assert_eq!(time, Duration::from_secs(10));
+        // Probes within the ejection do not count; after it, rise applies.
+        assert_eq!(c.observe(true, t0 + Duration::from_secs(9)), None);
+        assert!(c.observe(true, t0 + Duration::from_secs(10)).is_some());
+        // Ejected again soon after: twice as long, then capped.
+        let t1 = t0 + Duration::from_secs(11);
+        c.eject_on_failure(e, true, t1);
+        assert_eq!(c.eject_on_failure(e, true, t1).unwrap().1, Duration::from_secs(20));
+        assert!(c.observe(true, t1 + Duration::from_secs(20)).is_some());
+        let t2 = t1 + Duration::from_secs(21);
+        c.eject_on_failure(e, true, t2);
+        assert_eq!(c.eject_on_failure(e, true, t2).unwrap().1, Duration::from_secs(35));
+        // Up for longer than the cap: back to the first time.
+        assert!(c.observe(true, t2 + Duration::from_secs(35)).is_some());
+        let t3 = t2 + Duration::from_secs(100);
+        c.eject_on_failure(e, true, t3);
+        assert_eq!(c.eject_on_failure(e, true, t3).unwrap().1, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_pool_at_its_ejection_limit_keeps_the_backend_in() {
+        let e = Ejection { base: Duration::from_secs(10), max: Duration::from_secs(60) };
+        let t0 = Instant::now();
+        let mut c = Counter::new(1, 2, t0);
+        for _ in 0..5 {
+            assert_eq!(c.eject_on_failure(e, false, t0), None);
+        }
+        assert!(c.up);
+        assert!(c.eject_on_failure(e, true, t0).is_some(), "once allowed, the next failure ejects");
     }
 
     #[test]

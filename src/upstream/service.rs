@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::config::{HealthCheck, ListenerConfig};
 use crate::stats::ListenerStats;
 use crate::upstream::clients::ClientTable;
+use crate::upstream::health::{log_transition, Ejection};
 use crate::upstream::{Backend, Pool};
 
 /// Settings and pool at one point in time.
@@ -40,6 +41,25 @@ impl Snapshot {
     /// back up.
     pub fn passive_health(&self) -> bool {
         self.config.health.check != HealthCheck::None
+    }
+
+    /// A real connection to `backend` failed: counts toward its fall, and
+    /// with outlier ejection on, ejects it for a while when it falls,
+    /// unless `max_ejection_percent` of the pool is out already.
+    pub fn record_passive_failure(&self, backend: &Backend, listener: &str, reason: &str) {
+        let health = &self.config.health;
+        let Some(base) = health.ejection_time else {
+            return backend.record_passive_failure(listener, reason);
+        };
+        let ejection = Ejection { base, max: health.max_ejection_time.max(base) };
+        let pool = self.pool.backends();
+        let allowed = (pool.len() * health.max_ejection_percent as usize / 100).max(1);
+        let ejected = pool.iter().filter(|b| b.health.is_ejected()).count();
+        if let Some((t, time)) = backend.health.observe_passive_failure(ejection, ejected < allowed)
+        {
+            let why = format!("{reason}; ejected for {}", humantime::format_duration(time));
+            log_transition(listener, backend, t, &why);
+        }
     }
 }
 
