@@ -110,6 +110,7 @@ struct RawListener {
     max_connections: Option<Spanned<i64>>,
     max_connections_per_client: Option<Spanned<i64>>,
     connection_rate_per_client: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -538,6 +539,9 @@ impl Validator<'_> {
         if let Some(n) = &r.max_connections_per_client {
             listener.max_connections_per_client =
                 self.count(n, "max_connections_per_client", 1, 1_000_000).map(|n| n as u32);
+        }
+        if let Some(d) = &r.slow_start {
+            listener.slow_start = self.duration(d, "slow_start").unwrap_or(listener.slow_start);
         }
         if let Some(rate) = &r.connection_rate_per_client {
             match rate.get_ref().parse::<crate::config::Rate>() {

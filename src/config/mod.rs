@@ -205,6 +205,10 @@ pub struct ListenerConfig {
     pub max_connections_per_client: Option<u32>,
     /// New connections one client address may open (a token bucket).
     pub connection_rate_per_client: Option<Rate>,
+    /// A backend that comes up (health rise, or added by a reload or DNS)
+    /// ramps from a tenth of its share to all of it over this window
+    /// (zero: at once). Not for maglev, whose point is that clients stay put.
+    pub slow_start: Duration,
 }
 
 impl ListenerConfig {
@@ -319,6 +323,7 @@ impl ListenerConfig {
             max_connections: None,
             max_connections_per_client: None,
             connection_rate_per_client: None,
+            slow_start: Duration::ZERO,
         }
     }
 }

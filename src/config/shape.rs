@@ -77,6 +77,7 @@ const LISTENER: &[(&str, Kind)] = &[
     ("max_connections", Kind::Int),
     ("max_connections_per_client", Kind::Int),
     ("connection_rate_per_client", Kind::Str),
+    ("slow_start", Kind::Str),
 ];
 
 const ADMIN: &[(&str, Kind)] = &[("listen", Kind::Str), ("token_file", Kind::Str)];

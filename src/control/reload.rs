@@ -35,6 +35,7 @@ fn settings_for(cfg: &ListenerConfig, up: &Upstream) -> Settings {
         backup: up.backup,
         max_connections: up.max_connections.unwrap_or(0),
         send_proxy: up.send_proxy.or(cfg.send_proxy),
+        slow_start: cfg.slow_start,
     }
 }
 
@@ -71,6 +72,10 @@ pub(super) fn assemble(
                         cfg.health.fall,
                         settings,
                     ));
+                    // Not at start: only a backend that joins a running pool ramps.
+                    if !old.is_empty() {
+                        b.start_ramp();
+                    }
                     added.push(Arc::clone(&b));
                     b
                 }

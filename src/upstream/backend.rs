@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +27,29 @@ pub struct Settings {
     pub max_connections: usize,
     /// PROXY header to send before the client's bytes.
     pub send_proxy: Option<ProxyVersion>,
+    /// How long a backend that comes up takes to reach its full share.
+    pub slow_start: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { weight: 1, backup: false, max_connections: 0, send_proxy: None }
+        Settings {
+            weight: 1,
+            backup: false,
+            max_connections: 0,
+            send_proxy: None,
+            slow_start: Duration::ZERO,
+        }
     }
+}
+
+/// The share a backend starts its slow start with.
+const RAMP_FLOOR: f64 = 0.1;
+
+/// Milliseconds since the first call, as a ramp's clock (never 0).
+fn ramp_clock() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// One backend address and its live state.
@@ -51,6 +69,10 @@ pub struct Backend {
     max_connections: AtomicUsize,
     /// PROXY header version to send: 0 none, 1 v1, 2 v2.
     send_proxy: AtomicU8,
+    /// Slow start's window, in milliseconds (0: off).
+    slow_start_ms: AtomicU64,
+    /// When its current ramp began ([`ramp_clock`]); 0: at full share.
+    ramp_since: AtomicU64,
     /// Taken out of rotation (by an operator, or removed by a reload): no new
     /// connections, established ones run to their end.
     draining: AtomicBool,
@@ -155,6 +177,8 @@ impl Backend {
             backup: AtomicBool::new(false),
             max_connections: AtomicUsize::new(0),
             send_proxy: AtomicU8::new(0),
+            slow_start_ms: AtomicU64::new(0),
+            ramp_since: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             retired: CancellationToken::new(),
             active: AtomicUsize::new(0),
@@ -173,6 +197,7 @@ impl Backend {
     /// Updates the settings in place (reload).
     pub fn apply(&self, s: Settings) {
         self.weight.store(s.weight.max(1), Ordering::Relaxed);
+        self.slow_start_ms.store(s.slow_start.as_millis() as u64, Ordering::Relaxed);
         self.backup.store(s.backup, Ordering::Relaxed);
         self.max_connections.store(s.max_connections, Ordering::Relaxed);
         let v = match s.send_proxy {
@@ -190,6 +215,7 @@ impl Backend {
             backup: self.is_backup(),
             max_connections: self.max_connections.load(Ordering::Relaxed),
             send_proxy: self.send_proxy(),
+            slow_start: Duration::from_millis(self.slow_start_ms.load(Ordering::Relaxed)),
         }
     }
 
@@ -213,6 +239,30 @@ impl Backend {
     }
 
     /// Whether selection may send new clients here: up, not draining, not full.
+    /// Starts a slow start (a health rise, or added by a reload or DNS):
+    /// from a tenth of its share to all of it over the window.
+    pub fn start_ramp(&self) {
+        if self.slow_start_ms.load(Ordering::Relaxed) > 0 {
+            self.ramp_since.store(ramp_clock(), Ordering::Relaxed);
+        }
+    }
+
+    /// The share of its weight it takes now: 1 outside a slow start, from
+    /// 0.1 to 1 during one. One atomic load when not ramping.
+    pub fn ramp(&self) -> f64 {
+        let since = self.ramp_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return 1.0;
+        }
+        let window = self.slow_start_ms.load(Ordering::Relaxed);
+        let elapsed = ramp_clock().saturating_sub(since);
+        if window == 0 || elapsed >= window {
+            self.ramp_since.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        (elapsed as f64 / window as f64).max(RAMP_FLOOR)
+    }
+
     pub fn is_available(&self) -> bool {
         self.health.is_up() && !self.is_draining() && !self.is_full()
     }

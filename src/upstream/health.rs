@@ -233,6 +233,9 @@ impl Counter {
 /// in the backend's recent history for the status page.
 pub fn log_transition(listener: &str, backend: &Backend, t: Transition, reason: &str) {
     backend.record_transition(matches!(t, Transition::Up { .. }), reason);
+    if matches!(t, Transition::Up { .. }) {
+        backend.start_ramp();
+    }
     match t {
         Transition::Down { after } => warn!(
             listener,

@@ -55,6 +55,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_backend_in_slow_start_gets_load_in_proportion_to_its_ramp() {
+        let b = weighted(&[1, 1]);
+        b[1].apply(crate::upstream::Settings {
+            slow_start: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        });
+        b[1].start_ramp();
+        let strategy = LeastConnections::new();
+        // Hold every connection: a ramping backend at a tenth of its share
+        // takes about one for every ten the other holds.
+        let mut held = Vec::new();
+        for _ in 0..110 {
+            let i = strategy.pick(&b, client(0)).unwrap();
+            held.push(b[i].try_claim().unwrap());
+        }
+        assert!((5..=15).contains(&b[1].active()), "{} of 110", b[1].active());
+    }
+
+    #[test]
     fn follows_held_connections() {
         let b = weighted(&[1, 1, 1]);
         let strategy = LeastConnections::new();

@@ -55,9 +55,25 @@ fn scan_from(backends: &[Arc<Backend>], start: usize) -> Option<usize> {
     (0..n).map(|k| (start + k) % n).find(|&i| backends[i].is_available())
 }
 
-/// True when `a` carries less load than `b` relative to their weights.
+/// True when `a` carries less load than `b` relative to their weights (as
+/// far as a slow start has brought them).
 fn lighter(a: &Backend, b: &Backend) -> bool {
+    let (ra, rb) = (a.ramp(), b.ramp());
+    if ra < 1.0 || rb < 1.0 {
+        // Plus one: a ramping backend with no connection is still lighter
+        // than an idle one only in proportion to its share.
+        let load = |x: &Backend, r: f64| (x.active() as f64 + 1.0) / (x.weight() as f64 * r);
+        return load(a, ra) < load(b, rb);
+    }
     (a.active() as u128) * (b.weight() as u128) < (b.active() as u128) * (a.weight() as u128)
+}
+
+/// Whether a pick of `b` stands: always outside a slow start, and with the
+/// probability of its ramp during one (the rest go to the next in order).
+fn takes_pick(b: &Backend) -> bool {
+    let r = b.ramp();
+    let unit = (fast_random() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    r >= 1.0 || unit < r
 }
 
 /// A fast per-thread pseudo-random number (xorshift64*), seeded randomly.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{rotate, scan_from, Strategy};
+use super::{rotate, scan_from, takes_pick, Strategy};
 use crate::upstream::backend::Backend;
 
 /// Longest precomputed period; larger weight sums are scaled down to fit.
@@ -81,7 +81,7 @@ impl Strategy for RoundRobin {
         }
         for _ in 0..len.min(MAX_SKIPS) {
             let i = self.sequence[self.cursor.fetch_add(1, Ordering::Relaxed) % len] as usize;
-            if backends[i].is_available() {
+            if backends[i].is_available() && takes_pick(&backends[i]) {
                 return Some(i);
             }
         }
@@ -135,6 +135,22 @@ mod tests {
         let picks: Vec<usize> = (0..8).map(|_| rr.pick(&b, client(0)).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 4);
         assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 4);
+    }
+
+    #[test]
+    fn a_backend_in_slow_start_takes_its_ramp_share() {
+        let b = weighted(&[1, 1]);
+        b[1].apply(crate::upstream::Settings {
+            slow_start: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        });
+        b[1].start_ramp();
+        let rr = RoundRobin::new(&b);
+        let to_b: usize = (0..10_000).filter(|_| rr.pick(&b, client(0)) == Some(1)).count();
+        // At the start of its window a pick that lands on it stands one time
+        // in ten (the others go on to the next backend): a small share
+        // instead of half.
+        assert!((200..1500).contains(&to_b), "{to_b}");
     }
 
     #[test]
