@@ -293,7 +293,7 @@ fn postgres_bin() -> Option<std::path::PathBuf> {
 fn start_postgres(bin: &std::path::Path) -> (Proc, SocketAddr) {
     let dir = tempdir("pg");
     let data = dir.join("data");
-    let as_root = rustix_is_root();
+    let as_root = running_as_root();
     let run = |program: &str| {
         let mut c;
         if as_root {
@@ -333,7 +333,7 @@ fn start_postgres(bin: &std::path::Path) -> (Proc, SocketAddr) {
     (Proc(child), addr)
 }
 
-fn rustix_is_root() -> bool {
+fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

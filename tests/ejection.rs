@@ -117,3 +117,24 @@ async fn no_more_than_max_ejection_percent_of_a_pool_is_out() {
     let out = lb.backends.iter().filter(|b| !b.health.is_up()).count();
     assert_eq!(out, 1, "one of the two failing backends is ejected, the other kept in");
 }
+
+#[test]
+fn the_file_keys_for_ejection_and_slow_start() {
+    let file =
+        "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:1\"]\n\
+                slow_start = \"30s\"\n[listener.health]\nejection_time = \"10s\"\n\
+                max_ejection_time = \"2m\"\nmax_ejection_percent = 25\n";
+    let c = tcplb::config::file::parse(file, "t.toml").unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.slow_start, Duration::from_secs(30));
+    assert_eq!(l.health.ejection_time, Some(Duration::from_secs(10)));
+    assert_eq!(l.health.max_ejection_time, Duration::from_secs(120));
+    assert_eq!(l.health.max_ejection_percent, 25);
+    let bad = file.replace("= 25", "= 0").replace("\"30s\"", "\"soon\"");
+    let err = tcplb::config::file::parse(&bad, "t.toml").unwrap_err().0.join("\n");
+    assert!(err.contains("max_ejection_percent must be a whole number from 1 to 100"), "{err}");
+    assert!(err.contains("slow_start"), "{err}");
+    let typo = file.replace("ejection_time = \"10s\"", "ejection_tme = \"10s\"");
+    let err = tcplb::config::file::parse(&typo, "t.toml").unwrap_err().0.join("\n");
+    assert!(err.contains("ejection_tme") && err.contains("ejection_time"), "did-you-mean: {err}");
+}

@@ -248,26 +248,13 @@ async fn the_route_flag_and_a_slow_or_silent_client() {
         return;
     }
     let (_procs, b) = tls_backends("routes-cli");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--upstream", &b[2].to_string()])
-        .args(["--route", &format!("api.example.com={}", b[0])])
-        .args(["--route", &format!("*.example.com={}", b[1])])
-        .args(["--peek-timeout", "300ms", "--health-check", "none"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = {
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        rx
-    };
-    let _child = Proc(child);
+    let (_child, rx) = spawn_logged(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--upstream", &b[2].to_string()])
+            .args(["--route", &format!("api.example.com={}", b[0])])
+            .args(["--route", &format!("*.example.com={}", b[1])])
+            .args(["--peek-timeout", "300ms", "--health-check", "none"]),
+    );
     let lb: SocketAddr = wait_listening(&rx).parse().unwrap();
     assert_eq!(tls_client(lb, "api.example.com", "whole").await, "api.example.com h2");
     assert_eq!(tls_client(lb, "mail.example.com", "whole").await, "www.example.com h2");

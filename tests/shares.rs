@@ -134,3 +134,28 @@ fn limits_in_a_file_and_their_mistakes() {
     let err = tcplb::config::file::parse(&bad, "t.toml").unwrap_err().0.join("\n");
     assert!(err.contains("max_connections_per_client must be a whole number from 1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_flags_of_the_binary() {
+    let echo = thread_echo_server();
+    let (_child, rx) = spawn_logged(
+        std::process::Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--upstream", &echo.to_string()])
+            .args(["--max-connections-per-client", "1", "--connection-rate-per-client", "100/s"])
+            .args(["--health-check", "none"]),
+    );
+    let lb: SocketAddr = wait_listening(&rx).parse().unwrap();
+    let _held = served("127.0.0.7", lb).await.expect("the first connection");
+    assert!(served("127.0.0.7", lb).await.is_none(), "a second from the same client is closed");
+    assert!(served("127.0.0.8", lb).await.is_some(), "another client is served");
+    let line = wait_line(&rx, "over its share limit");
+    assert!(line.contains("client_connections") && line.contains("127.0.0.7"), "{line}");
+
+    let bad = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"])
+        .args(["--connection-rate-per-client", "often"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad rate 'often'"));
+}
