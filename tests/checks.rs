@@ -60,6 +60,13 @@ async fn web() -> SocketAddr {
     .0
 }
 
+/// Asserts that backend `i`'s last probe result mentions `needle`: the
+/// reason an operator reads on the status page.
+fn probe_says(lb: &Lb, i: usize, needle: &str) {
+    let last = lb.backends[i].last_probe();
+    assert!(last.as_ref().is_some_and(|p| p.detail.contains(needle)), "{needle:?} not in {last:?}");
+}
+
 /// Waits until every backend named in `up` is up and every other one is
 /// down, then watches for ten more intervals that none of them changes.
 async fn settles(lb: &Lb, up: &[bool]) {
@@ -87,11 +94,7 @@ async fn tcp_check_fails_a_backend_that_accepts_and_closes_at_once() {
     l.health = checked(HealthCheck::Connect);
     let lb = start_one(l).await;
     settles(&lb, &[true, true, false]).await;
-    assert!(
-        lb.backends[2].last_probe().unwrap().detail.contains("closed"),
-        "the reason says why: {:?}",
-        lb.backends[2].last_probe()
-    );
+    probe_says(&lb, 2, "closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,16 +117,8 @@ async fn redis_check_against_real_redis_servers() {
     l.health = checked(HealthCheck::Redis);
     let lb = start_one(l).await;
     settles(&lb, &[true, true, false, false, false]).await;
-    assert!(
-        lb.backends[1].last_probe().unwrap().detail.contains("AUTH"),
-        "{:?}",
-        lb.backends[1].last_probe()
-    );
-    assert!(
-        lb.backends[4].last_probe().unwrap().detail.contains("LOADING"),
-        "{:?}",
-        lb.backends[4].last_probe()
-    );
+    probe_says(&lb, 1, "AUTH");
+    probe_says(&lb, 4, "LOADING");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +188,7 @@ async fn postgres_check_against_a_real_postgresql() {
     l.health = checked(HealthCheck::Postgres);
     let lb = start_one(l).await;
     settles(&lb, &[true, false, false]).await;
-    assert!(lb.backends[0].last_probe().unwrap().detail.contains("PostgreSQL"));
+    probe_says(&lb, 0, "PostgreSQL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,11 +205,7 @@ async fn tls_check_against_openssl_servers() {
     l.health.sni = Some("api.example.com".into());
     let lb = start_one(l).await;
     settles(&lb, &[true, true, false, false]).await;
-    assert!(
-        lb.backends[1].last_probe().unwrap().detail.contains("TLS"),
-        "{:?}",
-        lb.backends[1].last_probe()
-    );
+    probe_says(&lb, 1, "TLS");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +258,7 @@ async fn mysql_and_smtp_checks_against_scripted_servers() {
     l.health = checked(HealthCheck::Mysql);
     let lb = start_one(l).await;
     settles(&lb, &[true, false, false]).await;
-    assert!(lb.backends[1].last_probe().unwrap().detail.contains("is blocked"));
+    probe_says(&lb, 1, "is blocked");
 
     let mut l = listener(&[smtp, smtp_refusing, closer().await]);
     l.health = checked(HealthCheck::Smtp);
