@@ -84,3 +84,34 @@ fn the_kubernetes_manifests_validate_and_reference_what_they_define() {
         assert!(out.status.success(), "block {i}: {said}{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The Dockerfile builds what the manifests expect: a release build from
+/// the locked dependencies, a last stage that runs tcplb as its entrypoint
+/// as the numeric user the manifests' `runAsUser` names, and a build context
+/// without `target/` or `.git/`. (Building it needs a Docker engine and a
+/// registry, which the test machines lack; this reads it.)
+#[test]
+fn the_dockerfile_builds_the_image_the_manifests_run() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
+    assert!(stages.len() >= 2, "a multi-stage build");
+    let (build, run) = (stages[0], stages[stages.len() - 1]);
+    assert!(build.contains("cargo build --release --locked"), "{build}");
+    let user = run.lines().find_map(|l| l.strip_prefix("USER ")).expect("the last stage sets USER");
+    let uid: u32 = user.split(':').next().unwrap().parse().expect("a numeric user");
+    assert_ne!(uid, 0, "not root");
+    let page = yaml_blocks().join("\n");
+    assert!(page.contains(&format!("runAsUser: {uid}")), "the manifests run as {uid}");
+    let entry = run.lines().find_map(|l| l.strip_prefix("ENTRYPOINT ")).expect("an ENTRYPOINT");
+    let entry: Vec<String> = serde_json::from_str(entry).expect("exec form, so tcplb is PID 1");
+    let copied = run.lines().find(|l| l.starts_with("COPY --from=")).expect("the binary is copied");
+    assert!(copied.ends_with(&format!(" {}", entry[0])), "{copied} / {entry:?}");
+    let ignore = std::fs::read_to_string(format!("{root}/.dockerignore")).unwrap();
+    for dir in ["target/", ".git/"] {
+        assert!(ignore.lines().any(|l| l.trim() == dir), "{dir} stays out of the build context");
+    }
+    for needed in ["Cargo.toml", "Cargo.lock", "src", "benches"] {
+        assert!(!ignore.lines().any(|l| l.trim().trim_end_matches('/') == needed), "{needed}");
+    }
+}
