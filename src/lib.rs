@@ -43,6 +43,7 @@ pub mod config;
 pub(crate) mod conn;
 pub(crate) mod control;
 pub(crate) mod io;
+pub(crate) mod logbuf;
 pub mod logging;
 pub(crate) mod stats;
 mod sys;

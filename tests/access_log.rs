@@ -22,8 +22,9 @@ fn start(upstream: &str, extra: &[&str]) -> (Proc, String, Receiver<serde_json::
     );
     let start: serde_json::Value =
         serde_json::from_str(&wait_line(&lines, "\"tcplb listening\"")).expect("a JSON line");
-    let listen =
-        start["listen"].as_str().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
+    // List fields are JSON arrays, not strings that look like lists.
+    assert_eq!(start["backends"], serde_json::json!([upstream]), "{start}");
+    let listen = start["listen"][0].as_str().expect("listen is an array of addresses").to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in lines {

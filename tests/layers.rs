@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const ROOMS: &[(&str, u8)] = &[
     ("config", 0),
     ("io", 0),
+    ("logbuf", 0),
     ("stats", 0),
     ("sys", 0),
     ("upstream", 1),

@@ -6,6 +6,7 @@
 //! the byte pump ([`duplex`], with splice(2) [`pipe`]s). It reads the
 //! [`upstream`](crate::upstream) state and never changes what a control task owns.
 
+pub mod access;
 pub mod connect;
 pub mod duplex;
 pub mod http;

@@ -15,9 +15,10 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::Protocol;
+use crate::conn::access;
 use crate::conn::connect::{connect, BackendConn, Endpoints};
 use crate::conn::duplex::{self, End};
 use crate::conn::http::{self, Peek, Status};
@@ -579,41 +580,27 @@ impl<'a> Connection<'a> {
             Some(r) => (&*r.listener, Some(r.route.as_str()), r.sni.as_deref(), r.alpn.as_deref()),
             None => (&*svc.name, None, None, None),
         };
-        // The address the connection came from, when a PROXY header named
-        // another client.
-        let peer = (peer != ends.client).then(|| tracing::field::display(peer));
         // Close before logging: the last direction to end leaves its FIN to close().
         drop(client);
         let duration = started.elapsed();
         svc.stats.connection_duration.observe(duration);
-        let backend = OrDash(backend);
-        let error = ending.error.as_ref().map(tracing::field::display);
-        // One event, at info on the access-log target, or at debug when it is off.
-        macro_rules! connection_event {
-            ($level:ident, $($target:tt)*) => {
-                $level!(
-                    $($target)*
-                    listener,
-                    route,
-                    sni,
-                    alpn,
-                    client = %ends.client,
-                    peer,
-                    %backend,
-                    sent,
-                    received,
-                    duration_ms = duration.as_millis() as u64,
-                    end = ending.end,
-                    error,
-                    "connection"
-                )
-            };
-        }
-        if snap.config.access_log {
-            connection_event!(info, target: "tcplb::access",);
-        } else {
-            connection_event!(debug,);
-        }
+        let entry = access::Entry {
+            listener,
+            route,
+            sni,
+            alpn,
+            client: ends.client,
+            // The address the connection came from, when a PROXY header
+            // named another client.
+            peer: (peer != ends.client).then_some(peer),
+            backend,
+            sent,
+            received,
+            duration,
+            end: ending.end,
+            error: ending.error.as_ref(),
+        };
+        entry.log(snap.config.access_log);
     }
 }
 
@@ -625,18 +612,6 @@ enum AfterClose {
     Replayed(BackendConn),
     /// The replay could not be written: try again.
     Retry,
-}
-
-/// An address, or `-` when there is none (formatted only if logged).
-struct OrDash(Option<SocketAddr>);
-
-impl std::fmt::Display for OrDash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
 }
 
 #[cfg(test)]

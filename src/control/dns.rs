@@ -15,6 +15,7 @@ use crate::control::discovery::{self, Resolved};
 use crate::control::handle::Control;
 use crate::control::reload::assemble;
 use crate::control::server::{Running, RunningListener};
+use crate::logbuf::List;
 use crate::upstream::{Backend, Pool, Service, Snapshot};
 
 /// Last good addresses of each upstream name, from a backend list.
@@ -94,8 +95,8 @@ impl Running {
         }
         info!(
             listener = %service.name,
-            added = ?assembled.added.iter().map(|b| b.addr).collect::<Vec<_>>(),
-            removed = ?assembled.removed.iter().map(|b| b.addr).collect::<Vec<_>>(),
+            added = ?List(assembled.added.iter().map(|b| b.addr).collect()),
+            removed = ?List(assembled.removed.iter().map(|b| b.addr).collect()),
             "DNS change: backends updated"
         );
         let pool = Pool::new(assembled.backends, snap.config.strategy);

@@ -32,6 +32,7 @@ use crate::control::handle::{Control, Handle, ServerView};
 use crate::control::reload::assemble;
 use crate::control::upgrade::{self, Handover, Inherited};
 use crate::control::{admin, metrics, probe, Error};
+use crate::logbuf::List;
 use crate::stats;
 use crate::upstream::{Backend, Pool, Service};
 
@@ -133,7 +134,7 @@ impl Server {
         view.services.store(Arc::new(services));
         let (control_tx, control_rx) = mpsc::channel(16);
         if let Some(gone) = inherited.as_ref().map(Inherited::unclaimed).filter(|g| !g.is_empty()) {
-            warn!(addresses = ?gone, "the old process listened on addresses this configuration does not name: closing them");
+            warn!(addresses = ?List(gone), "the old process listened on addresses this configuration does not name: closing them");
         }
         let predecessor = inherited;
         Ok(Server { config, resolver, listeners, control_tx, control_rx, view, admin, predecessor })
@@ -475,8 +476,8 @@ impl Running {
         let snap = service.snapshot();
         info!(
             listener = %service.name,
-            listen = ?sockets.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()).collect::<Vec<_>>(),
-            backends = ?snap.pool.backends().iter().map(|b| b.addr).collect::<Vec<_>>(),
+            listen = ?List(sockets.iter().filter_map(|(_, g)| g.first()?.local_addr().ok()).collect()),
+            backends = ?List(snap.pool.backends().iter().map(|b| b.addr).collect()),
             strategy = snap.config.strategy.as_str(),
             "tcplb listening"
         );

@@ -1,0 +1,361 @@
+//! The access log: one event per finished connection, at info on the
+//! `tcplb::access` target (debug, untargeted, with `access_log = false`).
+//!
+//! At tens of thousands of connections a second, tracing's formatter is a
+//! visible share of the proxy's CPU (a dynamic visitor per field, its own
+//! date arithmetic, a line buffer). So when the binary allows it
+//! ([`logbuf::direct`]), the line is formatted here, byte for byte as
+//! tracing would (a test holds the two to it), and appended to the same
+//! buffer; filters still apply, through `tracing::enabled!`.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use tracing::Level;
+
+use crate::logbuf::{self, Style};
+
+/// The access log's tracing target.
+const TARGET: &str = "tcplb::access";
+
+/// One finished connection, as its access-log line shows it.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    /// The listener's name.
+    pub listener: &'a str,
+    /// The route taken, on a listener with routes.
+    pub route: Option<&'a str>,
+    /// The TLS server name the client asked for.
+    pub sni: Option<&'a str>,
+    /// The TLS ALPN protocols the client offered.
+    pub alpn: Option<&'a str>,
+    /// The client (as a trusted PROXY header names it).
+    pub client: SocketAddr,
+    /// The connection's own peer, when a PROXY header named another client.
+    pub peer: Option<SocketAddr>,
+    /// The backend it was (last) connected to.
+    pub backend: Option<SocketAddr>,
+    /// Client → backend bytes.
+    pub sent: u64,
+    /// Backend → client bytes.
+    pub received: u64,
+    /// From accept to close.
+    pub duration: Duration,
+    /// Why it ended.
+    pub end: &'static str,
+    /// The socket error it ended on.
+    pub error: Option<&'a io::Error>,
+}
+
+thread_local! {
+    /// The line being formatted, kept between connections of a worker.
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+}
+
+impl Entry<'_> {
+    /// Logs the entry: at info on the access target when `on`, else at
+    /// debug.
+    pub fn log(&self, on: bool) {
+        if !on {
+            self.event(false);
+            return;
+        }
+        if !tracing::enabled!(target: TARGET, Level::INFO) {
+            return;
+        }
+        match logbuf::direct() {
+            Some((style, lines)) => LINE.with_borrow_mut(|line| {
+                line.clear();
+                self.format(style, SystemTime::now(), line);
+                lines.append(line);
+            }),
+            None => self.event(true),
+        }
+    }
+
+    /// The same entry as a tracing event.
+    fn event(&self, on: bool) {
+        let peer = self.peer.map(tracing::field::display);
+        let backend = OrDash(self.backend);
+        let error = self.error.map(tracing::field::display);
+        macro_rules! connection_event {
+            ($level:ident, $($target:tt)*) => {
+                tracing::$level!(
+                    $($target)*
+                    listener = self.listener,
+                    route = self.route,
+                    sni = self.sni,
+                    alpn = self.alpn,
+                    client = %self.client,
+                    peer,
+                    %backend,
+                    sent = self.sent,
+                    received = self.received,
+                    duration_ms = self.duration.as_millis() as u64,
+                    end = self.end,
+                    error,
+                    "connection"
+                )
+            };
+        }
+        if on {
+            connection_event!(info, target: TARGET,);
+        } else {
+            connection_event!(debug,);
+        }
+    }
+
+    /// Writes the line, newline included, as tracing's fmt layer would
+    /// write [`event`](Self::event) at `now` in `style`.
+    fn format(&self, style: Style, now: SystemTime, out: &mut Vec<u8>) {
+        let time = humantime::format_rfc3339_micros(now);
+        let mut f = Fields { out, style, first: true };
+        match style {
+            Style::Text => {
+                let _ = write!(f.out, "{time}  INFO {TARGET}: connection");
+                f.first = false;
+            }
+            Style::Json => {
+                let _ = write!(f.out, "{{\"timestamp\":\"{time}\",\"level\":\"INFO\"");
+                f.first = false;
+                f.quoted("message", "connection");
+            }
+        }
+        f.quoted("listener", self.listener);
+        f.optional("route", self.route);
+        f.optional("sni", self.sni);
+        f.optional("alpn", self.alpn);
+        f.shown("client", self.client);
+        if let Some(peer) = self.peer {
+            f.shown("peer", peer);
+        }
+        f.shown("backend", OrDash(self.backend));
+        f.number("sent", self.sent);
+        f.number("received", self.received);
+        f.number("duration_ms", self.duration.as_millis() as u64);
+        f.quoted("end", self.end);
+        if let Some(error) = self.error {
+            f.error("error", error);
+        }
+        if style == Style::Json {
+            let _ = write!(f.out, ",\"target\":\"{TARGET}\"}}");
+        }
+        f.out.push(b'\n');
+    }
+}
+
+/// Writes `name=value` (text) or `"name":value` (JSON) pairs.
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+    style: Style,
+    first: bool,
+}
+
+impl Fields<'_> {
+    fn name(&mut self, name: &str) {
+        let sep = if self.first { "" } else { self.sep() };
+        self.first = false;
+        match self.style {
+            Style::Text => {
+                let _ = write!(self.out, "{sep}{name}=");
+            }
+            Style::Json => {
+                let _ = write!(self.out, "{sep}\"{name}\":");
+            }
+        }
+    }
+
+    fn sep(&self) -> &'static str {
+        match self.style {
+            Style::Text => " ",
+            Style::Json => ",",
+        }
+    }
+
+    /// A string field (tracing shows it quoted, with Rust's escapes, in
+    /// text).
+    fn quoted(&mut self, name: &str, value: &str) {
+        self.name(name);
+        match self.style {
+            Style::Text => {
+                let _ = write!(self.out, "{value:?}");
+            }
+            Style::Json => json_string(self.out, value),
+        }
+    }
+
+    fn optional(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.quoted(name, value);
+        }
+    }
+
+    /// A field recorded with `%` (Display): bare in text, a string in
+    /// JSON. For addresses, whose text never needs escaping.
+    fn shown(&mut self, name: &str, value: impl std::fmt::Display) {
+        self.name(name);
+        let _ = match self.style {
+            Style::Text => write!(self.out, "{value}"),
+            Style::Json => write!(self.out, "\"{value}\""),
+        };
+    }
+
+    /// An error's text, escaped in JSON.
+    fn error(&mut self, name: &str, error: &io::Error) {
+        match self.style {
+            Style::Text => self.shown(name, error),
+            Style::Json => {
+                self.name(name);
+                json_string(self.out, &error.to_string());
+            }
+        }
+    }
+
+    fn number(&mut self, name: &str, value: u64) {
+        self.name(name);
+        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes it.
+fn json_string(out: &mut Vec<u8>, value: &str) {
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// An address, or `-` when there is none.
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::FormatTime;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// A fixed time, in the format tracing's default timer uses.
+    const AT: Duration = Duration::from_micros(1_764_650_123_456_789);
+
+    struct Fixed;
+    impl FormatTime for Fixed {
+        fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+            write!(w, "{}", humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + AT))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    /// What the fmt layer, set up as `logging::init` sets it up, writes for
+    /// the entry's event.
+    fn through_tracing(entry: &Entry<'_>, style: Style) -> String {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .with_timer(Fixed)
+            .with_max_level(Level::INFO);
+        match style {
+            Style::Text => {
+                tracing::subscriber::with_default(builder.finish(), || entry.event(true))
+            }
+            Style::Json => {
+                let format = logbuf::JsonLines { at: Some(SystemTime::UNIX_EPOCH + AT) };
+                let sub = builder.event_format(format).finish();
+                tracing::subscriber::with_default(sub, || entry.event(true))
+            }
+        }
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn direct(entry: &Entry<'_>, style: Style) -> String {
+        let mut line = Vec::new();
+        entry.format(style, SystemTime::UNIX_EPOCH + AT, &mut line);
+        String::from_utf8(line).unwrap()
+    }
+
+    fn entry<'a>(error: Option<&'a io::Error>) -> Entry<'a> {
+        Entry {
+            listener: "edge",
+            route: Some("api"),
+            sni: Some("api.example.com"),
+            alpn: Some("h2,http/1.1"),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            peer: Some("[::1]:5000".parse().unwrap()),
+            backend: Some("127.0.0.2:443".parse().unwrap()),
+            sent: 517,
+            received: 1_048_576,
+            duration: Duration::from_micros(12_345),
+            end: "backend closed",
+            error,
+        }
+    }
+
+    #[test]
+    fn the_direct_line_is_the_line_tracing_writes() {
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let mut bare = entry(None);
+        (bare.route, bare.sni, bare.alpn, bare.peer, bare.backend) = (None, None, None, None, None);
+        for e in [entry(Some(&reset)), entry(None), bare] {
+            for style in [Style::Text, Style::Json] {
+                assert_eq!(direct(&e, style), through_tracing(&e, style), "{style:?}");
+            }
+        }
+        let text = direct(&entry(None), Style::Text);
+        assert!(text.starts_with("2025-12-02T04:35:23.456789Z  INFO tcplb::access: connection listener=\"edge\" route=\"api\""), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&direct(&entry(None), Style::Json)).unwrap();
+        assert_eq!(json["received"], 1_048_576);
+        assert_eq!(json["backend"], "127.0.0.2:443");
+    }
+
+    proptest! {
+        /// The server name and ALPN come from the client: any text, quotes
+        /// and control characters included, comes out escaped the same way.
+        #[test]
+        fn client_supplied_text_is_escaped_as_tracing_escapes_it(
+            sni in ".*", alpn in any::<String>(), listener in "[a-z\"\\\\ ]{0,8}",
+            sent in any::<u64>(), ms in 0u64..10_000_000,
+        ) {
+            let e = Entry {
+                listener: &listener,
+                sni: Some(&sni),
+                alpn: Some(&alpn),
+                sent,
+                duration: Duration::from_millis(ms),
+                ..entry(None)
+            };
+            for style in [Style::Text, Style::Json] {
+                prop_assert_eq!(direct(&e, style), through_tracing(&e, style));
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The bounded, lossy, batching buffer between the threads that log and
+//! stderr. A worker thread only appends a formatted line to it; a thread of
+//! its own writes it out in one write(2) per batch. A worker never waits
+//! for stderr: when whoever reads it stalls (a log collector that hangs, a
+//! container log driver that blocks, a full journald) the buffer fills and
+//! lines are dropped and counted in `tcplb_log_lines_dropped_total`,
+//! instead of every connection on the worker freezing in write(2).
+//!
+//! Batching is the point: a line costs a copy under a short lock, not a
+//! message on a channel, a wake-up of the writer thread and a write(2) of
+//! its own (docs/benchmarks.md measures the difference at ~10k connections
+//! per second, each with its access line).
+//!
+//! A leaf, so that the access log (in `conn`) can append its lines here
+//! directly, without going through tracing's formatter: see [`direct`].
+//! The JSON line format ([`JsonLines`]) and the [`List`] field that it
+//! writes as a JSON array live here too, for the same reason.
+
+use std::cell::Cell;
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::stats::LOG_LINES_DROPPED;
+
+/// Bytes held for stderr at most: about 7,000 lines, half a second of
+/// access log at the connection rates measured here, and 50 batches'
+/// worth; more would only delay the moment a stalled reader is noticed.
+const BUFFERED_BYTES: usize = 1 << 20;
+
+/// How long the writer waits after the first line of a batch for more to
+/// join it: short enough that `tail -f` looks live, long enough that a busy
+/// server writes a few hundred lines per write(2).
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// The lines waiting for stderr and what wakes the thread that writes them.
+#[derive(Debug, Default)]
+pub struct Lines {
+    /// Formatted lines, whole, in the order they were logged.
+    lines: Mutex<Vec<u8>>,
+    /// Signalled when `lines` stops being empty, and on shutdown.
+    ready: Condvar,
+    /// Set by [`stop`](Self::stop): write out what is left, then return.
+    stopping: AtomicBool,
+}
+
+impl Lines {
+    /// The buffer, even if a thread panicked while holding it: what it
+    /// holds is whole lines or nothing, as `append` never panics midway.
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.lines.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues one formatted line (or several, whole), or drops and counts
+    /// it when the buffer is full. Never blocks on stderr.
+    pub fn append(&self, line: &[u8]) {
+        let was_empty = {
+            let mut lines = self.lock();
+            if lines.len() + line.len() > BUFFERED_BYTES {
+                LOG_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let was_empty = lines.is_empty();
+            lines.extend_from_slice(line);
+            was_empty
+        };
+        // One wake-up per batch, not per line.
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Makes [`write_out`](Self::write_out) write what is left and return.
+    pub fn stop(&self) {
+        {
+            // Under the lock, or the writer could check the flag, miss the
+            // store and the notification, and wait for ever.
+            let _lines = self.lock();
+            self.stopping.store(true, Ordering::Release);
+        }
+        self.ready.notify_one();
+    }
+
+    /// The writer thread: waits for a first line, lets a batch gather, and
+    /// writes it out with the lock released, so a stalled stderr blocks
+    /// only this thread.
+    pub fn write_out(&self, out: &mut impl Write) {
+        let mut spare = Vec::with_capacity(64 << 10);
+        loop {
+            {
+                let mut lines = self.lock();
+                while lines.is_empty() && !self.stopping.load(Ordering::Acquire) {
+                    lines = self.ready.wait(lines).unwrap_or_else(|p| p.into_inner());
+                }
+                if lines.is_empty() {
+                    return;
+                }
+            }
+            if !self.stopping.load(Ordering::Acquire) {
+                std::thread::sleep(BATCH_WINDOW);
+            }
+            std::mem::swap(&mut *self.lock(), &mut spare);
+            // A write error (stderr closed) loses this batch; the next one
+            // is tried all the same, as a reader may come back.
+            let _ = out.write_all(&spare).and_then(|()| out.flush());
+            spare.clear();
+            spare.shrink_to(64 << 10);
+        }
+    }
+}
+
+/// How lines that skip tracing's formatter must look to match the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// tracing-subscriber's plain text lines, without colours.
+    Text,
+    /// One flat JSON object per line, as `--log-format json` writes.
+    Json,
+}
+
+/// Where lines may go directly, and in what style; set once by the binary.
+static DIRECT: OnceLock<(Style, Arc<Lines>)> = OnceLock::new();
+
+/// Lets code that logs often (the access log) format its own lines in
+/// `style` and append them to `lines`. Only the first call counts.
+pub fn allow_direct(style: Style, lines: Arc<Lines>) {
+    let _ = DIRECT.set((style, lines));
+}
+
+/// The buffer and style for a line formatted without tracing, when the
+/// binary allowed it (not in tests, nor with colours on a terminal):
+/// otherwise such a line goes through tracing as any other event.
+pub fn direct() -> Option<(Style, &'static Lines)> {
+    DIRECT.get().map(|(style, lines)| (*style, &**lines))
+}
+
+/// `--log-format json`: one flat JSON object per event, `timestamp`,
+/// `level`, the message and fields in the order given, `target` last (as
+/// tracing-subscriber's JSON format with `flatten_event`), except that a
+/// [`List`] field is a JSON array rather than a string.
+#[derive(Debug, Default)]
+pub struct JsonLines {
+    /// A fixed time for every line, for tests; None: the clock.
+    pub at: Option<SystemTime>,
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        // Events forwarded from the `log` crate carry their real level and
+        // target in `log.*` fields.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let time = humantime::format_rfc3339_micros(self.at.unwrap_or_else(SystemTime::now));
+        let mut line = format!("{{\"timestamp\":\"{time}\",\"level\":\"{}\"", meta.level());
+        event.record(&mut JsonFields(&mut line));
+        line.push_str(",\"target\":");
+        push_json_string(&mut line, meta.target());
+        line.push('}');
+        writeln!(writer, "{line}")
+    }
+}
+
+/// Appends `"name":value` for each field of an event.
+struct JsonFields<'l>(&'l mut String);
+
+impl JsonFields<'_> {
+    fn key(&mut self, field: &Field) {
+        let name = field.name();
+        self.0.push(',');
+        push_json_string(self.0, name.strip_prefix("r#").unwrap_or(name));
+    }
+
+    fn raw(&mut self, field: &Field, value: impl fmt::Display) {
+        self.key(field);
+        self.0.push(':');
+        let _ = fmt::Write::write_fmt(self.0, format_args!("{value}"));
+    }
+
+    fn string(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        self.0.push(':');
+        push_json_string(self.0, value);
+    }
+}
+
+impl Visit for JsonFields<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.raw(field, serde_json::Value::from(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.raw(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.raw(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.raw(field, value);
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.string(field, value);
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.string(field, &value.to_string());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name().starts_with("log.") {
+            return;
+        }
+        match render_json(value) {
+            (text, true) => self.raw(field, text),
+            (text, false) => self.string(field, &text),
+        }
+    }
+}
+
+/// Appends `value` as a JSON string, escaped as serde_json escapes it.
+fn push_json_string(out: &mut String, value: &str) {
+    match serde_json::to_string(value) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Not reached: a str always serializes.
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+thread_local! {
+    /// Set while [`JsonLines`] formats a field: a [`List`] then writes
+    /// itself as a JSON array ...
+    static AS_JSON: Cell<bool> = const { Cell::new(false) };
+    /// ... and says so here.
+    static WROTE_JSON: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A log field that is a list (the addresses a listener bound, the
+/// backends DNS added): `[a, b]` in text lines, a JSON array of strings in
+/// JSON lines. Log it with `?`: `listen = ?List(addrs)`.
+pub struct List<T>(pub Vec<T>);
+
+/// Formats `value` (any field's value) for a JSON line: its text, and
+/// whether that text is already JSON (a [`List`]) rather than a string.
+fn render_json(value: &dyn fmt::Debug) -> (String, bool) {
+    AS_JSON.set(true);
+    WROTE_JSON.set(false);
+    let text = format!("{value:?}");
+    AS_JSON.set(false);
+    (text, WROTE_JSON.replace(false))
+}
+
+impl<T: fmt::Display> fmt::Debug for List<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = AS_JSON.get();
+        f.write_str("[")?;
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(if json { "," } else { ", " })?;
+            }
+            if json {
+                let mut s = String::new();
+                push_json_string(&mut s, &item.to_string());
+                f.write_str(&s)?;
+            } else {
+                item.fmt(f)?;
+            }
+        }
+        f.write_str("]")?;
+        if json {
+            WROTE_JSON.set(true);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_come_out_whole_in_order_and_the_rest_on_stop() {
+        let lines = Arc::new(Lines::default());
+        let out = Arc::new(Mutex::new(Vec::new()));
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let writer = {
+            let (lines, out) = (Arc::clone(&lines), Arc::clone(&out));
+            std::thread::spawn(move || lines.write_out(&mut Sink(out)))
+        };
+        for i in 0..1000 {
+            lines.append(format!("line {i}\n").as_bytes());
+        }
+        lines.stop();
+        writer.join().unwrap();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let expected: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text, expected);
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+    use tracing_subscriber::fmt::time::FormatTime;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    const AT: Duration = Duration::from_micros(1_764_650_123_456_789);
+
+    struct Fixed;
+    impl FormatTime for Fixed {
+        fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+            write!(w, "{}", humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + AT))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    /// The events that `log` emits, as JSON lines: ours, and tracing's own
+    /// flattened JSON format.
+    fn both(log: impl Fn()) -> (String, String) {
+        let ours = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(ours.clone())
+            .event_format(JsonLines { at: Some(SystemTime::UNIX_EPOCH + AT) })
+            .finish();
+        tracing::subscriber::with_default(sub, &log);
+        let theirs = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(theirs.clone())
+            .with_timer(Fixed)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        tracing::subscriber::with_default(sub, &log);
+        let text = |c: Captured| String::from_utf8(c.0.lock().unwrap().clone()).unwrap();
+        (text(ours), text(theirs))
+    }
+
+    #[test]
+    fn json_lines_match_tracings_json_format_but_for_lists() {
+        let error = std::io::Error::other("bad \"thing\"\n");
+        let (ours, theirs) = both(|| {
+            tracing::info!(
+                listener = "a\"b",
+                n = 3u64,
+                m = -4i64,
+                ok = true,
+                x = 1.5,
+                "hello \"you\""
+            );
+            tracing::warn!(addr = %"127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap(), why = ?Some(1), "w");
+            tracing::error!(error = &error as &dyn std::error::Error, r#type = "t", "e");
+            tracing::debug!("not logged at the default level");
+        });
+        assert_eq!(ours, theirs);
+        assert_eq!(ours.lines().count(), 3, "{ours}");
+    }
+
+    #[test]
+    fn a_list_is_an_array_in_json_and_bracketed_in_text() {
+        let addrs: Vec<std::net::SocketAddr> =
+            vec!["127.0.0.1:80".parse().unwrap(), "[::1]:81".parse().unwrap()];
+        let (ours, _) = both(
+            || tracing::info!(listen = ?List(addrs.clone()), empty = ?List(Vec::<String>::new()), "up"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&ours).unwrap();
+        assert_eq!(v["listen"], serde_json::json!(["127.0.0.1:80", "[::1]:81"]), "{ours}");
+        assert_eq!(v["empty"], serde_json::json!([]));
+        assert_eq!(format!("{:?}", List(addrs)), "[127.0.0.1:80, [::1]:81]");
+        // Outside a JSON line, a list formats as text again.
+        assert_eq!(format!("{:?}", List(vec!["a\"b"])), "[a\"b]");
+    }
+}
