@@ -9,7 +9,9 @@
 //! Batching is the point: a line costs a copy under a short lock, not a
 //! message on a channel, a wake-up of the writer thread and a write(2) of
 //! its own (docs/benchmarks.md measures the difference at ~10k connections
-//! per second, each with its access line).
+//! per second, each with its access line). Access lines batch longer than
+//! the rest (up to a second, or 256 KiB), as each wake-up of the writer
+//! costs the workers on a busy machine.
 //!
 //! A leaf, so that the access log (in `conn`) can append its lines here
 //! directly, without going through tracing's formatter: see [`direct`].
@@ -37,18 +39,36 @@ use crate::stats::LOG_LINES_DROPPED;
 /// worth; more would only delay the moment a stalled reader is noticed.
 const BUFFERED_BYTES: usize = 1 << 20;
 
-/// How long the writer waits after the first line of a batch for more to
-/// join it: short enough that `tail -f` looks live, long enough that a busy
-/// server writes a few hundred lines per write(2).
-const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// How long the writer lets a batch gather after a line that should be
+/// seen soon (anything logged through tracing: start, warnings, errors):
+/// short enough that `tail -f` looks live.
+const URGENT_WINDOW: Duration = Duration::from_millis(20);
+
+/// How long access lines may wait for the writer at most. Each time the
+/// writer thread wakes costs the workers more than its own work, on a busy
+/// machine (docs/benchmarks.md: about 20 µs per TLS connection with a batch
+/// every 20 ms against one a second), so lines that only need to arrive
+/// eventually wake it only this often, or when [`FLUSH_AT`] bytes wait.
+const LAZY_WINDOW: Duration = Duration::from_secs(1);
+
+/// Bytes that wake the writer before [`LAZY_WINDOW`] is over, well before
+/// the buffer is full: at 25 000 access lines a second, about five wake-ups
+/// a second.
+const FLUSH_AT: usize = BUFFERED_BYTES / 4;
+
+/// A writer's batch buffer larger than this is given back after a write.
+const KEEP_CAPACITY: usize = FLUSH_AT * 2;
 
 /// The lines waiting for stderr and what wakes the thread that writes them.
 #[derive(Debug, Default)]
 pub struct Lines {
     /// Formatted lines, whole, in the order they were logged.
     lines: Mutex<Vec<u8>>,
-    /// Signalled when `lines` stops being empty, and on shutdown.
+    /// Signalled when `lines` stops being empty, when it passes
+    /// [`FLUSH_AT`], when an urgent line arrives, and on shutdown.
     ready: Condvar,
+    /// An urgent line waits: the batch goes out after [`URGENT_WINDOW`].
+    urgent: AtomicBool,
     /// Set by [`stop`](Self::stop): write out what is left, then return.
     stopping: AtomicBool,
 }
@@ -60,21 +80,34 @@ impl Lines {
         self.lines.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues one formatted line (or several, whole), or drops and counts
-    /// it when the buffer is full. Never blocks on stderr.
+    /// Queues one formatted line (or several, whole) to be written within
+    /// [`URGENT_WINDOW`], or drops and counts it when the buffer is full.
+    /// Never blocks on stderr.
     pub fn append(&self, line: &[u8]) {
-        let was_empty = {
+        self.queue(line, true);
+    }
+
+    /// Queues a line that may wait up to [`LAZY_WINDOW`] (an access line).
+    pub fn append_lazy(&self, line: &[u8]) {
+        self.queue(line, false);
+    }
+
+    fn queue(&self, line: &[u8], urgent: bool) {
+        let wake = {
             let mut lines = self.lock();
-            if lines.len() + line.len() > BUFFERED_BYTES {
+            let before = lines.len();
+            if before + line.len() > BUFFERED_BYTES {
                 LOG_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            let was_empty = lines.is_empty();
             lines.extend_from_slice(line);
-            was_empty
+            // One wake-up to start a batch, one when it grows large, one
+            // for the first urgent line in it.
+            before == 0
+                || (before < FLUSH_AT && lines.len() >= FLUSH_AT)
+                || (urgent && !self.urgent.swap(true, Ordering::Relaxed))
         };
-        // One wake-up per batch, not per line.
-        if was_empty {
+        if wake {
             self.ready.notify_one();
         }
     }
@@ -90,11 +123,17 @@ impl Lines {
         self.ready.notify_one();
     }
 
-    /// The writer thread: waits for a first line, lets a batch gather, and
+    /// Whether the batch should go out now.
+    fn due(&self, lines: &[u8]) -> bool {
+        lines.len() >= FLUSH_AT || self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The writer thread: waits for a first line, lets a batch gather (for
+    /// [`URGENT_WINDOW`] or [`LAZY_WINDOW`], or until [`FLUSH_AT`]), and
     /// writes it out with the lock released, so a stalled stderr blocks
     /// only this thread.
     pub fn write_out(&self, out: &mut impl Write) {
-        let mut spare = Vec::with_capacity(64 << 10);
+        let mut spare = Vec::new();
         loop {
             {
                 let mut lines = self.lock();
@@ -104,16 +143,30 @@ impl Lines {
                 if lines.is_empty() {
                     return;
                 }
+                let started = std::time::Instant::now();
+                let mut urgent = false;
+                loop {
+                    urgent = urgent || self.urgent.load(Ordering::Relaxed);
+                    let window = if urgent { URGENT_WINDOW } else { LAZY_WINDOW };
+                    let left = window.saturating_sub(started.elapsed());
+                    if left.is_zero() || self.due(&lines) {
+                        break;
+                    }
+                    lines =
+                        self.ready.wait_timeout(lines, left).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                self.urgent.store(false, Ordering::Relaxed);
+                std::mem::swap(&mut *lines, &mut spare);
             }
-            if !self.stopping.load(Ordering::Acquire) {
-                std::thread::sleep(BATCH_WINDOW);
-            }
-            std::mem::swap(&mut *self.lock(), &mut spare);
             // A write error (stderr closed) loses this batch; the next one
             // is tried all the same, as a reader may come back.
             let _ = out.write_all(&spare).and_then(|()| out.flush());
             spare.clear();
-            spare.shrink_to(64 << 10);
+            // Kept between batches (no allocation and page faults each
+            // time), unless it grew past what busy batches need.
+            if spare.capacity() > KEEP_CAPACITY {
+                spare.shrink_to(FLUSH_AT);
+            }
         }
     }
 }
@@ -296,6 +349,47 @@ impl<T: fmt::Display> fmt::Debug for List<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer on a sink a test can read.
+    fn writer() -> (Arc<Lines>, Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Arc::new(Lines::default());
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let (lines, out) = (Arc::clone(&lines), Arc::clone(&out));
+            std::thread::spawn(move || lines.write_out(&mut Sink(out)))
+        };
+        (lines, out, writer)
+    }
+
+    #[test]
+    fn access_lines_wait_for_a_large_batch_or_an_urgent_line() {
+        let (lines, out, writer) = writer();
+        lines.append_lazy(b"lazy 1\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(out.lock().unwrap().is_empty(), "a lazy line alone waits");
+        lines.append(b"urgent\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(&*out.lock().unwrap(), b"lazy 1\nurgent\n", "an urgent line takes it along");
+        // Enough lazy bytes go out at once, without waiting for the window.
+        let line = vec![b'x'; 1023];
+        for _ in 0..FLUSH_AT / 1024 + 1 {
+            lines.append_lazy(&[&line[..], b"\n"].concat());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(out.lock().unwrap().len() > FLUSH_AT, "a large batch goes out at once");
+        lines.stop();
+        writer.join().unwrap();
+    }
 
     #[test]
     fn lines_come_out_whole_in_order_and_the_rest_on_stop() {

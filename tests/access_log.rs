@@ -76,7 +76,8 @@ fn access_log_off() {
     let (_p, addr, logs) = start(&backend, &["--access-log", "off"]);
     one_exchange(&addr);
     one_exchange(&addr);
-    std::thread::sleep(Duration::from_millis(300));
+    // Longer than access lines may wait for the log writer (a second).
+    std::thread::sleep(Duration::from_millis(1500));
     while let Ok(v) = logs.try_recv() {
         assert_ne!(v["target"], "tcplb::access", "{v}");
     }

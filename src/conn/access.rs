@@ -69,7 +69,7 @@ impl Entry<'_> {
             Some((style, lines)) => LINE.with_borrow_mut(|line| {
                 line.clear();
                 self.format(style, SystemTime::now(), line);
-                lines.append(line);
+                lines.append_lazy(line);
             }),
             None => self.event(true),
         }
