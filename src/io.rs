@@ -30,11 +30,25 @@ pub async fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> O
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) => {}
+                Ok(n) if n > 0 && n < buf.len() => {
+                    drained(stream);
+                    return Ok(n);
+                }
                 r => return r,
             }
         }
     });
     read.await.ok()?.ok()
+}
+
+/// Tells tokio that a short read just emptied `stream`'s receive queue, as
+/// its own `poll_read` does (a stream socket returns less than asked only
+/// when nothing more is queued): the next wait for bytes then waits for
+/// the reactor instead of finding stale readiness and costing a read that
+/// fails with EAGAIN (and, in the byte pump, a FIONREAD before it).
+fn drained(stream: &TcpStream) {
+    let _ = stream
+        .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
 }
 
 /// Writes all of `data` to `to`, waiting for writability (backpressure).
