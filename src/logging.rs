@@ -1,5 +1,5 @@
 //! Logging: tracing's fmt subscriber (text or JSON) on stderr, through the
-//! bounded, lossy, batching [line buffer](crate::logbuf), so that no worker
+//! bounded, lossy, batching line buffer (`logbuf`), so that no worker
 //! thread ever waits for whoever reads stderr. Once the writer catches up
 //! after a stall, one warning says how many lines were lost, and
 //! `tcplb_log_lines_dropped_total` counts them all.
