@@ -346,97 +346,43 @@ impl<T: fmt::Display> fmt::Debug for List<T> {
     }
 }
 
+/// What the log tests share: a sink they can read, and a fixed clock.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A writer on a sink a test can read.
-    fn writer() -> (Arc<Lines>, Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Arc::new(Lines::default());
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let writer = {
-            let (lines, out) = (Arc::clone(&lines), Arc::clone(&out));
-            std::thread::spawn(move || lines.write_out(&mut Sink(out)))
-        };
-        (lines, out, writer)
-    }
-
-    #[test]
-    fn access_lines_wait_for_a_large_batch_or_an_urgent_line() {
-        let (lines, out, writer) = writer();
-        lines.append_lazy(b"lazy 1\n");
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(out.lock().unwrap().is_empty(), "a lazy line alone waits");
-        lines.append(b"urgent\n");
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(&*out.lock().unwrap(), b"lazy 1\nurgent\n", "an urgent line takes it along");
-        // Enough lazy bytes go out at once, without waiting for the window.
-        let line = vec![b'x'; 1023];
-        for _ in 0..FLUSH_AT / 1024 + 1 {
-            lines.append_lazy(&[&line[..], b"\n"].concat());
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(out.lock().unwrap().len() > FLUSH_AT, "a large batch goes out at once");
-        lines.stop();
-        writer.join().unwrap();
-    }
-
-    #[test]
-    fn lines_come_out_whole_in_order_and_the_rest_on_stop() {
-        let lines = Arc::new(Lines::default());
-        let out = Arc::new(Mutex::new(Vec::new()));
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let writer = {
-            let (lines, out) = (Arc::clone(&lines), Arc::clone(&out));
-            std::thread::spawn(move || lines.write_out(&mut Sink(out)))
-        };
-        for i in 0..1000 {
-            lines.append(format!("line {i}\n").as_bytes());
-        }
-        lines.stop();
-        writer.join().unwrap();
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        let expected: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(text, expected);
-    }
-}
-
-#[cfg(test)]
-mod json_tests {
+pub(crate) mod testing {
     use super::*;
     use tracing_subscriber::fmt::time::FormatTime;
     use tracing_subscriber::fmt::MakeWriter;
 
-    const AT: Duration = Duration::from_micros(1_764_650_123_456_789);
+    /// A fixed time, in the format tracing's default timer uses.
+    pub const AT: Duration = Duration::from_micros(1_764_650_123_456_789);
 
-    struct Fixed;
+    /// [`AT`] as a time.
+    pub fn at() -> SystemTime {
+        SystemTime::UNIX_EPOCH + AT
+    }
+
+    /// tracing's timer, stopped at [`AT`].
+    pub struct Fixed;
     impl FormatTime for Fixed {
         fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-            write!(w, "{}", humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + AT))
+            write!(w, "{}", humantime::format_rfc3339_micros(at()))
         }
     }
 
+    /// Bytes written, kept for the test to read.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        pub fn bytes(&self) -> Vec<u8> {
+            self.0.lock().unwrap().clone()
+        }
+
+        pub fn text(&self) -> String {
+            String::from_utf8(self.bytes()).unwrap()
+        }
+    }
+
     impl Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(buf);
@@ -446,12 +392,68 @@ mod json_tests {
             Ok(())
         }
     }
+
     impl<'a> MakeWriter<'a> for Captured {
         type Writer = Captured;
         fn make_writer(&'a self) -> Captured {
             self.clone()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Captured;
+    use super::*;
+
+    /// A writer on a sink a test can read.
+    fn writer() -> (Arc<Lines>, Captured, std::thread::JoinHandle<()>) {
+        let lines = Arc::new(Lines::default());
+        let out = Captured::default();
+        let writer = {
+            let (lines, mut out) = (Arc::clone(&lines), out.clone());
+            std::thread::spawn(move || lines.write_out(&mut out))
+        };
+        (lines, out, writer)
+    }
+
+    #[test]
+    fn access_lines_wait_for_a_large_batch_or_an_urgent_line() {
+        let (lines, out, writer) = writer();
+        lines.append_lazy(b"lazy 1\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(out.bytes().is_empty(), "a lazy line alone waits");
+        lines.append(b"urgent\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(out.bytes(), b"lazy 1\nurgent\n", "an urgent line takes it along");
+        // Enough lazy bytes go out at once, without waiting for the window.
+        let line = vec![b'x'; 1023];
+        for _ in 0..FLUSH_AT / 1024 + 1 {
+            lines.append_lazy(&[&line[..], b"\n"].concat());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(out.bytes().len() > FLUSH_AT, "a large batch goes out at once");
+        lines.stop();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn lines_come_out_whole_in_order_and_the_rest_on_stop() {
+        let (lines, out, writer) = writer();
+        for i in 0..1000 {
+            lines.append(format!("line {i}\n").as_bytes());
+        }
+        lines.stop();
+        writer.join().unwrap();
+        let expected: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(out.text(), expected);
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::testing::{at, Captured, Fixed};
+    use super::*;
 
     /// The events that `log` emits, as JSON lines: ours, and tracing's own
     /// flattened JSON format.
@@ -459,7 +461,7 @@ mod json_tests {
         let ours = Captured::default();
         let sub = tracing_subscriber::fmt()
             .with_writer(ours.clone())
-            .event_format(JsonLines { at: Some(SystemTime::UNIX_EPOCH + AT) })
+            .event_format(JsonLines { at: Some(at()) })
             .finish();
         tracing::subscriber::with_default(sub, &log);
         let theirs = Captured::default();
@@ -471,8 +473,7 @@ mod json_tests {
             .with_current_span(false)
             .finish();
         tracing::subscriber::with_default(sub, &log);
-        let text = |c: Captured| String::from_utf8(c.0.lock().unwrap().clone()).unwrap();
-        (text(ours), text(theirs))
+        (ours.text(), theirs.text())
     }
 
     #[test]

@@ -239,39 +239,8 @@ impl std::fmt::Display for OrDash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logbuf::testing::{at, Captured, Fixed};
     use proptest::prelude::*;
-    use std::sync::{Arc, Mutex};
-    use tracing_subscriber::fmt::format::Writer;
-    use tracing_subscriber::fmt::time::FormatTime;
-    use tracing_subscriber::fmt::MakeWriter;
-
-    /// A fixed time, in the format tracing's default timer uses.
-    const AT: Duration = Duration::from_micros(1_764_650_123_456_789);
-
-    struct Fixed;
-    impl FormatTime for Fixed {
-        fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-            write!(w, "{}", humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + AT))
-        }
-    }
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
 
     /// What the fmt layer, set up as `logging::init` sets it up, writes for
     /// the entry's event.
@@ -287,18 +256,17 @@ mod tests {
                 tracing::subscriber::with_default(builder.finish(), || entry.event(true))
             }
             Style::Json => {
-                let format = logbuf::JsonLines { at: Some(SystemTime::UNIX_EPOCH + AT) };
+                let format = logbuf::JsonLines { at: Some(at()) };
                 let sub = builder.event_format(format).finish();
                 tracing::subscriber::with_default(sub, || entry.event(true))
             }
         }
-        let bytes = out.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        out.text()
     }
 
     fn direct(entry: &Entry<'_>, style: Style) -> String {
         let mut line = Vec::new();
-        entry.format(style, SystemTime::UNIX_EPOCH + AT, &mut line);
+        entry.format(style, at(), &mut line);
         String::from_utf8(line).unwrap()
     }
 
