@@ -211,3 +211,87 @@ fn an_admin_flood_cannot_starve_the_process() {
     }
     drop(flood);
 }
+
+/// Connections that end in every way a client or backend ends them (a FIN
+/// with the last bytes, a FIN on its own, a reset with bytes unread, bytes
+/// sent after the other side closed) leave nothing running: once they are
+/// gone, tcplb uses no CPU.
+#[test]
+fn connections_ending_every_way_leave_no_cpu_behind() {
+    for protocol in ["tcp", "auto"] {
+        ending_every_way(protocol);
+    }
+}
+
+fn ending_every_way(protocol: &str) {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (i, s) in backend.incoming().enumerate() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                if !matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                    return;
+                }
+                let _ = s.write_all(b"answer");
+                match i % 3 {
+                    // The answer and the FIN together.
+                    0 => {}
+                    // A reset after the answer.
+                    1 => {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    }
+                    // Half-close, then read whatever the client still sends.
+                    _ => {
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                    }
+                }
+            });
+        }
+    });
+    let (child, addr, _rx) = start(upstream, "", &format!("--protocol {protocol}"));
+    let pid = child.0.id();
+    let clients: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let Ok(mut c) = TcpStream::connect(addr) else { continue };
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = c.write_all(b"request");
+                    let mut buf = [0u8; 64];
+                    match (t + i) % 3 {
+                        // Reads the answer to its end, then closes.
+                        0 => while matches!(c.read(&mut buf), Ok(n) if n > 0) {},
+                        // Resets without reading.
+                        1 => {
+                            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                        }
+                        // Sends more after the answer, then closes.
+                        _ => {
+                            let _ = c.read(&mut buf);
+                            let _ = c.write_all(b"goodbye");
+                            let _ = c.shutdown(std::net::Shutdown::Write);
+                            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 10,
+        "{protocol}: idle after 320 connections ended every way, yet {used} ticks in 1.5 s"
+    );
+    let back = common::exchange_std(addr, b"still serving");
+    assert!(back.is_ok(), "{back:?}");
+}

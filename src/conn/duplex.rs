@@ -12,12 +12,10 @@
 //! failure instead of a clean end of stream.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
@@ -127,31 +125,42 @@ impl Activity {
     }
 }
 
+/// Which ends of a connection finished before the byte pump took it over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// The client's FIN was already passed on to the backend.
+    pub client: bool,
+    /// The backend's FIN came in with the last bytes already passed on to
+    /// the client, and is still to be passed on.
+    pub backend: bool,
+}
+
 /// Copies bytes both ways until both directions end, one fails, a timeout
 /// fires or `cancel` is cancelled.
 ///
 /// `totals` (client→backend, backend→client) are bumped as bytes move, so
 /// long-lived connections show up in metrics before they end.
-/// `client_done` says the client's FIN was already passed on to the backend.
+/// `ended` says which ends the first exchange already saw finish.
 pub async fn splice(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     timeouts: Timeouts,
     cancel: &CancellationToken,
     totals: (&AtomicU64, &AtomicU64),
-    client_done: bool,
+    ended: Ended,
     mode: SpliceMode,
 ) -> Outcome {
-    let activity = Activity::new(u8::from(client_done));
+    let activity = Activity::new(u8::from(ended.client));
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
     let (end, error) = {
-        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity, mode);
-        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity, mode);
+        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity, mode, Start::Request);
+        let down_start = if ended.backend { Start::AtEof } else { Start::Response };
+        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity, mode, down_start);
         tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (client_done, false);
+        let (mut up_done, mut down_done) = (ended.client, false);
         loop {
             let half_closed = up_done || down_done;
             let limit = if half_closed { timeouts.after_half_close() } else { timeouts.idle };
@@ -206,6 +215,7 @@ async fn pump(
     counters: [&AtomicU64; 2],
     activity: &Activity,
     mut mode: SpliceMode,
+    start: Start,
 ) -> Result<(), Fault> {
     // Bytes read but not yet written: only ever non-empty under backpressure.
     let mut pending: Vec<u8> = Vec::new();
@@ -214,13 +224,19 @@ async fn pump(
     // Whether this direction forwards with splice(2): `on` from the first
     // byte, `auto` once it turns out to carry bulk data.
     let mut splicing = mode == SpliceMode::On;
-    if mode == SpliceMode::Auto && from.as_ref().readable().await.is_ok() {
-        // A first message of 64 KiB or more already waiting in full (a
-        // response on a new connection, say): splice it from its first byte
-        // instead of copying 64 KiB first. One ioctl per direction.
-        splicing = burst(from);
+    match start {
+        Start::AtEof => {}
+        Start::Response if mode == SpliceMode::Auto && from.as_ref().readable().await.is_ok() => {
+            // A first response of 64 KiB or more already waiting in full:
+            // splice it from its first byte instead of copying 64 KiB
+            // first. One ioctl.
+            splicing = burst(from);
+        }
+        Start::Response | Start::Request => {}
     }
-    loop {
+    // Set once the source's end of stream is known without a read of its own.
+    let mut ended = start == Start::AtEof;
+    while !ended {
         if splicing {
             let auto = (mode == SpliceMode::Auto).then_some(&mut traffic);
             let spliced = splice_loop(from.as_ref(), to.as_ref(), counters, activity, auto);
@@ -236,11 +252,11 @@ async fn pump(
                 Spliced::Chatty => {}
             }
         }
-        let (read, written) = match forward(from, to, &mut pending, |_| {}).await {
+        let (read, written, last) = match forward(from, to, &mut pending, |_| {}).await {
             Step::Eof => break,
             Step::ReadError(e) => return Err(Fault::Read(e)),
             Step::WriteError(e) => return Err(Fault::Write(e)),
-            Step::Moved { read, written } => (read, written),
+            Step::Moved { read, written, last } => (read, written, last),
         };
         activity.touch();
         let mut moved = written as u64;
@@ -255,8 +271,10 @@ async fn pump(
         for c in counters {
             c.fetch_add(moved, Ordering::Relaxed);
         }
+        ended = last;
         // A bulk transfer: worth a pipe.
-        splicing = mode == SpliceMode::Auto
+        splicing = !last
+            && mode == SpliceMode::Auto
             && (traffic.record(read) == Some(Pace::Bulk) || (read == SCRATCH && burst(from)));
     }
     if activity.end_is_last() {
@@ -271,6 +289,22 @@ async fn pump(
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(Fault::Write(e)),
     }
+}
+
+/// How a direction of the pump begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Backend to client: a first message of 64 KiB or more (a download, a
+    /// large response on a new connection) is common enough to look for
+    /// before the first read.
+    Response,
+    /// Client to backend: requests are small; an upload is recognized after
+    /// its first full read instead, which spares every other connection the
+    /// ioctl.
+    Request,
+    /// The source's end of stream is known already (it came with the last
+    /// bytes the first exchange read): only the FIN is left to pass on.
+    AtEof,
 }
 
 /// A [`Traffic`] window closes after this many bytes (bulk: at least 16 KiB
@@ -446,6 +480,10 @@ pub enum Step {
         read: usize,
         /// Bytes written straight away.
         written: usize,
+        /// The source's FIN had arrived before these bytes were read, and
+        /// they were all it held: the source is at end of stream, and no
+        /// read is needed to learn it.
+        last: bool,
     },
 }
 
@@ -462,54 +500,102 @@ thread_local! {
 /// Waits until `from` has bytes (or EOF), reads them (up to 64 KiB) into the
 /// thread's scratch buffer and writes them to `to` at once; whatever `to`
 /// does not take is appended to `pending` for the caller to write. `inspect`
-/// sees the bytes read. Reads go through tokio's `poll_read`, which knows a
-/// short read drained the socket, saving an `EAGAIN` read per message.
+/// sees the bytes read.
+///
+/// The readiness the reactor reported is taken before the read: when it
+/// already said the peer's FIN is in ("read closed", and no error: a reset
+/// must still be read as one), a read that leaves the socket empty took
+/// the last bytes before that FIN, and [`Step::Moved`] says so (`last`),
+/// which saves the read that would only return 0 (HAProxy reads the end of
+/// a stream from EPOLLRDHUP the same way). A response and its FIN usually
+/// arrive together, on a new connection as on one that closes after a
+/// request.
 pub async fn forward(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     pending: &mut Vec<u8>,
     mut inspect: impl FnMut(&[u8]),
 ) -> Step {
-    std::future::poll_fn(|cx| {
-        SCRATCH_BUF.with(|cell| {
+    let (src, dst): (&TcpStream, &TcpStream) = (from.as_ref(), to.as_ref());
+    loop {
+        let ready = match src.ready(Interest::READABLE).await {
+            Ok(ready) => ready,
+            Err(e) => return Step::ReadError(e),
+        };
+        let step = SCRATCH_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            let capacity = buf.len();
-            let mut rb = ReadBuf::new(&mut buf[..]);
-            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Step::ReadError(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let data = rb.filled();
-            if data.is_empty() {
-                return Poll::Ready(Step::Eof);
-            }
+            let read = match read_some(src, &mut buf) {
+                Ok(Some(0)) => return Some(Step::Eof),
+                Ok(Some(n)) => n,
+                Ok(None) => return None,
+                Err(e) => return Some(Step::ReadError(e)),
+            };
+            let data = &buf[..read];
             inspect(data);
-            // A short read drained the socket; if its FIN has already arrived
-            // too (tokio keeps "read closed" readiness after clearing
-            // "readable"), the next read is the EOF and the shutdown or close
-            // follows at once: send with MSG_MORE so the kernel puts these
-            // bytes and our FIN into one segment instead of two.
-            let written = if !pending.is_empty() {
-                0
-            } else if data.len() < capacity && from.as_ref().poll_read_ready(cx).is_ready() {
-                match send_more(to.as_ref(), data) {
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Poll::Ready(Step::WriteError(e)),
-                }
+            let last = read < buf.len() && ready.is_read_closed() && !has_error(src);
+            // With the FIN to follow at once (the caller's shutdown, or the
+            // close), MSG_MORE lets the kernel put these bytes and the FIN
+            // into one segment instead of two.
+            let sent = if !pending.is_empty() {
+                Ok(0)
+            } else if last {
+                send_more(dst, data)
             } else {
-                match Pin::new(&mut *to).poll_write(cx, data) {
-                    Poll::Ready(Ok(w)) => w,
-                    Poll::Pending => 0,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Step::WriteError(e)),
-                }
+                dst.try_write(data)
+            };
+            let written = match sent {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Some(Step::WriteError(e)),
             };
             pending.extend_from_slice(&data[written..]);
-            Poll::Ready(Step::Moved { read: data.len(), written })
-        })
-    })
-    .await
+            Some(Step::Moved { read, written, last })
+        });
+        if let Some(step) = step {
+            return step;
+        }
+    }
+}
+
+/// Whether the reactor has seen an error on `s` (EPOLLERR: a reset, say),
+/// without waiting for one. The error readiness is only looked at, never
+/// waited on: it is not cleared by reads, so a wait on it could return at
+/// once forever.
+fn has_error(s: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let error = std::pin::pin!(s.ready(Interest::ERROR));
+    match std::future::Future::poll(error, &mut cx) {
+        std::task::Poll::Ready(Ok(ready)) => ready.is_error(),
+        std::task::Poll::Ready(Err(_)) => true,
+        std::task::Poll::Pending => false,
+    }
+}
+
+/// One read from `src` into `buf`: `Some(0)` at end of stream, `None` when
+/// there was nothing to read after all (tokio's readiness was stale, and is
+/// cleared). A short read clears the readiness too, as tokio's `poll_read`
+/// does (a stream socket returns less than asked only when nothing more is
+/// queued), and with the tick of the event it read on, so an event that
+/// arrives meanwhile is kept: the next wait goes to the reactor instead of
+/// costing a read that fails with EAGAIN.
+fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    use rustix::net::{recv, RecvFlags};
+    let mut got = 0;
+    let r = src.try_io(Interest::READABLE, || {
+        let (n, _) = recv(src, &mut *buf, RecvFlags::empty())?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes what `to` takes now with MSG_MORE (the kernel holds the bytes
@@ -524,6 +610,80 @@ fn send_more(to: &TcpStream, data: &[u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// Two connected loopback sockets: (ours, the peer's).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (l.accept().await.unwrap().0, peer)
+    }
+
+    /// Lets the reactor see everything the peers sent (their FIN or reset).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_that_came_with_the_fin_are_the_last_and_reach_the_destination() {
+        let (mut src, mut peer) = pair().await;
+        let (mut dst, mut sink) = pair().await;
+        peer.write_all(b"response").await.unwrap();
+        peer.shutdown().await.unwrap();
+        settle().await;
+        let (mut from, _) = src.split();
+        let (_, mut to) = dst.split();
+        let mut pending = Vec::new();
+        match forward(&mut from, &mut to, &mut pending, |_| {}).await {
+            Step::Moved { read: 8, written: 8, last: true } => {}
+            other => panic!("expected the last 8 bytes, got {other:?}"),
+        }
+        let mut got = [0u8; 8];
+        sink.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"response");
+    }
+
+    #[tokio::test]
+    async fn bytes_without_a_fin_behind_them_are_not_the_last() {
+        let (mut src, mut peer) = pair().await;
+        let (mut dst, _sink) = pair().await;
+        peer.write_all(b"request").await.unwrap();
+        settle().await;
+        let (mut from, _) = src.split();
+        let (_, mut to) = dst.split();
+        let mut pending = Vec::new();
+        let step = forward(&mut from, &mut to, &mut pending, |_| {}).await;
+        assert!(matches!(step, Step::Moved { read: 7, last: false, .. }), "{step:?}");
+        // The FIN on its own is read as the end of stream.
+        peer.shutdown().await.unwrap();
+        let step = forward(&mut from, &mut to, &mut pending, |_| {}).await;
+        assert!(matches!(step, Step::Eof), "{step:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_last_bytes_is_still_read_as_a_reset() {
+        let (mut src, peer) = pair().await;
+        let (mut dst, _sink) = pair().await;
+        peer.try_write(b"partial").unwrap();
+        settle().await;
+        reset_on_close(&peer);
+        drop(peer);
+        settle().await;
+        let (mut from, _) = src.split();
+        let (_, mut to) = dst.split();
+        let mut pending = Vec::new();
+        loop {
+            match forward(&mut from, &mut to, &mut pending, |_| {}).await {
+                Step::Moved { last: false, .. } => {}
+                Step::ReadError(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+                    break;
+                }
+                other => panic!("a reset must stay a reset, got {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn traffic_windows_tell_bulk_from_chatter() {

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use crate::config::Protocol;
 use crate::conn::access;
 use crate::conn::connect::{connect, BackendConn, Endpoints};
-use crate::conn::duplex::{self, End};
+use crate::conn::duplex::{self, End, Ended};
 use crate::conn::http::{self, Peek, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
@@ -160,8 +160,8 @@ impl Ending {
 struct Established {
     /// The backend the bytes go to.
     up: BackendConn,
-    /// The client's FIN was already passed on to it.
-    client_done: bool,
+    /// Which ends finished during the first exchange.
+    ended: Ended,
     /// The backend has not answered yet, and its hanging up before it does
     /// counts against its health (the first exchange ended early because
     /// the client's bytes could not be replayed anyway).
@@ -186,8 +186,8 @@ impl<'a> Connection<'a> {
             }
         }
         let established = if snap.config.protocol == Protocol::Tcp {
-            let client_done = self.routed.as_ref().is_some_and(|r| r.client_ended);
-            Established { up, client_done, awaiting_answer: false }
+            let client = self.routed.as_ref().is_some_and(|r| r.client_ended);
+            Established { up, ended: Ended { client, backend: false }, awaiting_answer: false }
         } else {
             match self.first_exchange(up, &mut candidates).await {
                 Ok(established) => established,
@@ -357,8 +357,8 @@ impl<'a> Connection<'a> {
             // replay, unless it cannot be one (a ClientHello).
             held.preload(&std::mem::take(&mut routed.early), routed.client_ended);
             if !held.may_replay() {
-                let client_done = held.client_done;
-                return Ok(Established { up, client_done, awaiting_answer: true });
+                let ended = Ended { client: held.client_done, backend: false };
+                return Ok(Established { up, ended, awaiting_answer: true });
             }
         }
         loop {
@@ -376,28 +376,28 @@ impl<'a> Connection<'a> {
             self.sent += exchange.sent;
             self.received += exchange.received;
             match exchange.result {
-                FirstOutcome::Answered => {
+                FirstOutcome::Answered { ended } => {
                     if self.snap.passive_health() {
                         up.backend.health.observe_success_streak_reset();
                     }
                     return Ok(Established {
                         up,
-                        client_done: held.client_done,
+                        ended: Ended { client: held.client_done, backend: ended },
                         awaiting_answer: false,
                     });
                 }
                 FirstOutcome::NoReplay => {
                     return Ok(Established {
                         up,
-                        client_done: held.client_done,
+                        ended: Ended { client: held.client_done, backend: false },
                         awaiting_answer: true,
                     })
                 }
                 FirstOutcome::ClosedEarly(error) => {
                     match self.after_early_close(&up, &mut held, candidates, error).await? {
                         AfterClose::SpliceOn => {
-                            let client_done = held.client_done;
-                            return Ok(Established { up, client_done, awaiting_answer: false });
+                            let ended = Ended { client: held.client_done, backend: false };
+                            return Ok(Established { up, ended, awaiting_answer: false });
                         }
                         AfterClose::Replayed(next) => {
                             self.backend = Some(next.backend.addr);
@@ -488,7 +488,7 @@ impl<'a> Connection<'a> {
 
     /// Copies bytes both ways until both directions end.
     async fn splice(&mut self, established: Established) -> Ending {
-        let Established { mut up, client_done, awaiting_answer } = established;
+        let Established { mut up, ended, awaiting_answer } = established;
         let cfg = &self.snap.config;
         let outcome = duplex::splice(
             &mut self.client,
@@ -496,7 +496,7 @@ impl<'a> Connection<'a> {
             cfg.timeouts(),
             self.cancel,
             up.backend.byte_counters(),
-            client_done,
+            ended,
             cfg.splice,
         )
         .await;

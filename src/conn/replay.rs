@@ -166,7 +166,12 @@ pub fn verdict(buf: &[u8]) -> Verdict {
 #[derive(Debug)]
 pub enum FirstOutcome {
     /// The backend sent its first bytes; they were written to the client.
-    Answered,
+    /// `ended`: its FIN came with them (see [`Step::Moved`]), and is still
+    /// to be passed on.
+    Answered {
+        /// The backend is at end of stream.
+        ended: bool,
+    },
     /// The backend closed or reset before sending a byte, while the client
     /// was still sending or waiting.
     ClosedEarly(Option<io::Error>),
@@ -242,11 +247,12 @@ pub async fn first_exchange(
                 Step::Eof => break FirstOutcome::closed(held, None),
                 Step::ReadError(e) => break FirstOutcome::closed(held, Some(e)),
                 Step::WriteError(e) => break FirstOutcome::ClientError(e),
-                Step::Moved { read, .. } => {
+                Step::Moved { read, last, .. } => {
                     if let Err(e) = cw.write_all(&pending_down).await {
                         break FirstOutcome::ClientError(e);
                     }
-                    return Exchange { sent, received: read as u64, result: FirstOutcome::Answered };
+                    let result = FirstOutcome::Answered { ended: last };
+                    return Exchange { sent, received: read as u64, result };
                 }
             },
             step = forward(&mut cr, &mut bw, &mut pending_up, |data| held.record(data)), if !held.client_done => match step {
@@ -257,7 +263,7 @@ pub async fn first_exchange(
                 }
                 Step::ReadError(e) => break FirstOutcome::ClientError(e),
                 Step::WriteError(e) => break FirstOutcome::BackendError(e),
-                Step::Moved { read, .. } => {
+                Step::Moved { read, last, .. } => {
                     if !pending_up.is_empty() {
                         if let Err(e) = bw.write_all(&pending_up).await {
                             break FirstOutcome::BackendError(e);
@@ -265,10 +271,14 @@ pub async fn first_exchange(
                         pending_up = Vec::new();
                     }
                     sent += read as u64;
+                    if last {
+                        held.client_done = true;
+                        let _ = bw.shutdown().await;
+                    }
                     if !held.may_replay() {
                         return Exchange { sent, received: 0, result: FirstOutcome::NoReplay };
                     }
-                    deadline = idle.map(|d| Instant::now() + d);
+                    deadline = limit(held).map(|d| Instant::now() + d);
                 }
             },
             _ = until(deadline) => break FirstOutcome::IdleTimeout,
