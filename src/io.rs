@@ -24,31 +24,41 @@ pub async fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> O
     let read = tokio::time::timeout_at(deadline, async {
         loop {
             stream.readable().await?;
-            match stream.try_read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Ok(n) if n > 0 && n < buf.len() => {
-                    drained(stream);
-                    return Ok(n);
-                }
-                r => return r,
+            if let Some(n) = read_some(stream, buf)? {
+                return Ok::<_, io::Error>(n);
             }
         }
     });
     read.await.ok()?.ok()
 }
 
-/// Tells tokio that a short read just emptied `stream`'s receive queue, as
-/// its own `poll_read` does (a stream socket returns less than asked only
-/// when nothing more is queued): the next wait for bytes then waits for
-/// the reactor instead of finding stale readiness and costing a read that
-/// fails with EAGAIN (and, in the byte pump, a FIONREAD before it).
-fn drained(stream: &TcpStream) {
-    let _ = stream
-        .try_io(tokio::io::Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+/// One read from `src` into `buf`: `Some(0)` at end of stream, `None` when
+/// there was nothing to read after all (tokio's readiness was stale, and is
+/// cleared). A short read clears the readiness too, as tokio's `poll_read`
+/// does (a stream socket returns less than asked only when nothing more is
+/// queued), and with the tick of the event it read on, so an event that
+/// arrives meanwhile is kept: the next wait goes to the reactor instead of
+/// costing a read that fails with EAGAIN (and, in the byte pump, a FIONREAD
+/// before it).
+pub fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    use rustix::net::{recv, RecvFlags};
+    use tokio::io::Interest;
+    let mut got = 0;
+    let r = src.try_io(Interest::READABLE, || {
+        let (n, _) = recv(src, &mut *buf, RecvFlags::empty())?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes all of `data` to `to`, waiting for writability (backpressure).

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{SpliceMode, Timeouts};
 use crate::conn::pipe::{Pipe, PIPE_SIZE};
-use crate::io::reset_on_close;
+use crate::io::{read_some, reset_on_close};
 
 /// How a spliced connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -568,33 +568,6 @@ fn has_error(s: &TcpStream) -> bool {
         std::task::Poll::Ready(Ok(ready)) => ready.is_error(),
         std::task::Poll::Ready(Err(_)) => true,
         std::task::Poll::Pending => false,
-    }
-}
-
-/// One read from `src` into `buf`: `Some(0)` at end of stream, `None` when
-/// there was nothing to read after all (tokio's readiness was stale, and is
-/// cleared). A short read clears the readiness too, as tokio's `poll_read`
-/// does (a stream socket returns less than asked only when nothing more is
-/// queued), and with the tick of the event it read on, so an event that
-/// arrives meanwhile is kept: the next wait goes to the reactor instead of
-/// costing a read that fails with EAGAIN.
-fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    use rustix::net::{recv, RecvFlags};
-    let mut got = 0;
-    let r = src.try_io(Interest::READABLE, || {
-        let (n, _) = recv(src, &mut *buf, RecvFlags::empty())?;
-        got = n;
-        if n > 0 && n < buf.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(n)
-        }
-    });
-    match r {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
