@@ -8,10 +8,10 @@
 //! tracing would (a test holds the two to it), and appended to the same
 //! buffer; filters still apply, through `tracing::enabled!`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::Level;
 
@@ -52,6 +52,10 @@ pub struct Entry<'a> {
 thread_local! {
     /// The line being formatted, kept between connections of a worker.
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The date and time to the second of this worker's last line: most
+    /// lines share their second with the one before, and the calendar
+    /// arithmetic is then done once a second, not once a line.
+    static SECOND: Cell<Option<(u64, [u8; 19])>> = const { Cell::new(None) };
 }
 
 impl Entry<'_> {
@@ -110,15 +114,19 @@ impl Entry<'_> {
     /// Writes the line, newline included, as tracing's fmt layer would
     /// write [`event`](Self::event) at `now` in `style`.
     fn format(&self, style: Style, now: SystemTime, out: &mut Vec<u8>) {
-        let time = humantime::format_rfc3339_micros(now);
         let mut f = Fields { out, style, first: true };
         match style {
             Style::Text => {
-                let _ = write!(f.out, "{time}  INFO {TARGET}: connection");
+                timestamp(f.out, now);
+                f.out.extend_from_slice(b"  INFO ");
+                f.out.extend_from_slice(TARGET.as_bytes());
+                f.out.extend_from_slice(b": connection");
                 f.first = false;
             }
             Style::Json => {
-                let _ = write!(f.out, "{{\"timestamp\":\"{time}\",\"level\":\"INFO\"");
+                f.out.extend_from_slice(b"{\"timestamp\":\"");
+                timestamp(f.out, now);
+                f.out.extend_from_slice(b"\",\"level\":\"INFO\"");
                 f.first = false;
                 f.quoted("message", "connection");
             }
@@ -127,11 +135,11 @@ impl Entry<'_> {
         f.optional("route", self.route);
         f.optional("sni", self.sni);
         f.optional("alpn", self.alpn);
-        f.shown("client", self.client);
+        f.addr("client", Some(self.client));
         if let Some(peer) = self.peer {
-            f.shown("peer", peer);
+            f.addr("peer", Some(peer));
         }
-        f.shown("backend", OrDash(self.backend));
+        f.addr("backend", self.backend);
         f.number("sent", self.sent);
         f.number("received", self.received);
         f.number("duration_ms", self.duration.as_millis() as u64);
@@ -157,12 +165,16 @@ impl Fields<'_> {
     fn name(&mut self, name: &str) {
         let sep = if self.first { "" } else { self.sep() };
         self.first = false;
+        self.out.extend_from_slice(sep.as_bytes());
         match self.style {
             Style::Text => {
-                let _ = write!(self.out, "{sep}{name}=");
+                self.out.extend_from_slice(name.as_bytes());
+                self.out.push(b'=');
             }
             Style::Json => {
-                let _ = write!(self.out, "{sep}\"{name}\":");
+                self.out.push(b'"');
+                self.out.extend_from_slice(name.as_bytes());
+                self.out.extend_from_slice(b"\":");
             }
         }
     }
@@ -178,6 +190,13 @@ impl Fields<'_> {
     /// text).
     fn quoted(&mut self, name: &str, value: &str) {
         self.name(name);
+        if plain(value) {
+            // Nothing to escape in either style: the bytes as they are.
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.push(b'"');
+            return;
+        }
         match self.style {
             Style::Text => {
                 let _ = write!(self.out, "{value:?}");
@@ -193,13 +212,38 @@ impl Fields<'_> {
     }
 
     /// A field recorded with `%` (Display): bare in text, a string in
-    /// JSON. For addresses, whose text never needs escaping.
+    /// JSON.
     fn shown(&mut self, name: &str, value: impl std::fmt::Display) {
         self.name(name);
         let _ = match self.style {
             Style::Text => write!(self.out, "{value}"),
             Style::Json => write!(self.out, "\"{value}\""),
         };
+    }
+
+    /// An address as `shown` writes it (`-` for none), with IPv4 written
+    /// digit by digit rather than through `Display`'s machinery.
+    fn addr(&mut self, name: &str, addr: Option<SocketAddr>) {
+        let Some(SocketAddr::V4(v4)) = addr else {
+            return self.shown(name, OrDash(addr));
+        };
+        self.name(name);
+        let json = self.style == Style::Json;
+        if json {
+            self.out.push(b'"');
+        }
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            self.out.extend_from_slice(digits.format(octet).as_bytes());
+        }
+        self.out.push(b':');
+        self.out.extend_from_slice(digits.format(v4.port()).as_bytes());
+        if json {
+            self.out.push(b'"');
+        }
     }
 
     /// An error's text, escaped in JSON.
@@ -217,6 +261,48 @@ impl Fields<'_> {
         self.name(name);
         self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
+}
+
+/// Whether `value` reads the same quoted as escaped, in text (Rust's
+/// `Debug`) and in JSON: printable ASCII without quotes or backslashes.
+fn plain(value: &str) -> bool {
+    value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// `now` as RFC 3339 in UTC with microseconds, as
+/// `humantime::format_rfc3339_micros` writes it.
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let Ok(since) = now.duration_since(UNIX_EPOCH) else {
+        let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+        return;
+    };
+    let second = since.as_secs();
+    let date = match SECOND.get() {
+        Some((cached, date)) if cached == second => date,
+        _ => {
+            let mut date = [0u8; 19];
+            let whole = UNIX_EPOCH + Duration::from_secs(second);
+            // "YYYY-MM-DDTHH:MM:SSZ": the date and time are its first 19 bytes.
+            let mut text = Vec::with_capacity(20);
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            let Some(head) = text.get(..19) else {
+                // Past what humantime writes (year 9999): as it writes it.
+                let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+                return;
+            };
+            date.copy_from_slice(head);
+            SECOND.set(Some((second, date)));
+            date
+        }
+    };
+    out.extend_from_slice(&date);
+    out.push(b'.');
+    let micros = since.subsec_micros();
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(micros);
+    out.extend(std::iter::repeat_n(b'0', 6 - text.len()));
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'Z');
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes it.
@@ -306,6 +392,18 @@ mod tests {
     }
 
     proptest! {
+        /// The date and time are humantime's, whether this worker's last
+        /// line was in the same second or not.
+        #[test]
+        fn timestamps_are_humantimes(secs in 0u64..253_402_300_800, micros in 0u32..1_000_000, later in 0u32..1_000_000) {
+            for (s, us) in [(secs, micros), (secs, later), (secs + 1, micros)] {
+                let t = UNIX_EPOCH + Duration::new(s, us * 1000 + 999);
+                let mut out = Vec::new();
+                timestamp(&mut out, t);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), humantime::format_rfc3339_micros(t).to_string());
+            }
+        }
+
         /// The server name and ALPN come from the client: any text, quotes
         /// and control characters included, comes out escaped the same way.
         #[test]
