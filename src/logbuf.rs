@@ -34,10 +34,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::stats::LOG_LINES_DROPPED;
 
-/// Bytes held for stderr at most: about 7,000 lines, half a second of
-/// access log at the connection rates measured here, and 50 batches'
-/// worth; more would only delay the moment a stalled reader is noticed.
-const BUFFERED_BYTES: usize = 1 << 20;
+/// Bytes held for stderr at most: about 10,000 access lines, twice a
+/// [`FLUSH_AT`] batch; more would only delay the moment a stalled reader
+/// is noticed.
+const BUFFERED_BYTES: usize = 2 << 20;
 
 /// How long the writer lets a batch gather after a line that should be
 /// seen soon (anything logged through tracing: start, warnings, errors):
@@ -45,16 +45,18 @@ const BUFFERED_BYTES: usize = 1 << 20;
 const URGENT_WINDOW: Duration = Duration::from_millis(20);
 
 /// How long access lines may wait for the writer at most. Each time the
-/// writer thread wakes costs the workers more than its own work, on a busy
-/// machine (docs/benchmarks.md: about 20 µs per TLS connection with a batch
-/// every 20 ms against one a second), so lines that only need to arrive
-/// eventually wake it only this often, or when [`FLUSH_AT`] bytes wait.
+/// writer thread wakes costs the workers far more than its own work, on a
+/// busy machine (docs/benchmarks.md: per TLS connection, about 20 µs with a
+/// batch every 20 ms, 10 µs with a wake-up to start each batch and one to
+/// end it, 3 µs with one a second). So while access lines keep coming the
+/// writer wakes once a window, on its own timer; a line wakes it only when
+/// it had gone idle, or when [`FLUSH_AT`] bytes wait.
 const LAZY_WINDOW: Duration = Duration::from_secs(1);
 
-/// Bytes that wake the writer before [`LAZY_WINDOW`] is over, well before
-/// the buffer is full: at 25 000 access lines a second, about five wake-ups
-/// a second.
-const FLUSH_AT: usize = BUFFERED_BYTES / 4;
+/// Bytes that wake the writer before [`LAZY_WINDOW`] is over, half way to
+/// a full buffer: at 25 000 access lines a second, about five wake-ups a
+/// second; below about 5 000, none.
+const FLUSH_AT: usize = BUFFERED_BYTES / 2;
 
 /// A writer's batch buffer larger than this is given back after a write.
 const KEEP_CAPACITY: usize = FLUSH_AT * 2;
@@ -64,9 +66,13 @@ const KEEP_CAPACITY: usize = FLUSH_AT * 2;
 pub struct Lines {
     /// Formatted lines, whole, in the order they were logged.
     lines: Mutex<Vec<u8>>,
-    /// Signalled when `lines` stops being empty, when it passes
-    /// [`FLUSH_AT`], when an urgent line arrives, and on shutdown.
+    /// Signalled when a line arrives while the writer is idle, when `lines`
+    /// passes [`FLUSH_AT`], when an urgent line arrives, and on shutdown.
     ready: Condvar,
+    /// The writer waits with no deadline (a window ended with nothing to
+    /// write): the next line must wake it. Read and written under the lock
+    /// of `lines`.
+    idle: AtomicBool,
     /// An urgent line waits: the batch goes out after [`URGENT_WINDOW`].
     urgent: AtomicBool,
     /// Set by [`stop`](Self::stop): write out what is left, then return.
@@ -101,11 +107,14 @@ impl Lines {
                 return;
             }
             lines.extend_from_slice(line);
-            // One wake-up to start a batch, one when it grows large, one
-            // for the first urgent line in it.
-            before == 0
-                || (before < FLUSH_AT && lines.len() >= FLUSH_AT)
-                || (urgent && !self.urgent.swap(true, Ordering::Relaxed))
+            // A wake-up for an idle writer (no timer of its own runs), one
+            // when the batch grows large, one for its first urgent line.
+            // Each is evaluated: an urgent line that wakes an idle writer
+            // must still shorten its window.
+            let idle = self.idle.swap(false, Ordering::Relaxed);
+            let large = before < FLUSH_AT && lines.len() >= FLUSH_AT;
+            let first_urgent = urgent && !self.urgent.swap(true, Ordering::Relaxed);
+            idle || large || first_urgent
         };
         if wake {
             self.ready.notify_one();
@@ -123,40 +132,56 @@ impl Lines {
         self.ready.notify_one();
     }
 
-    /// Whether the batch should go out now.
-    fn due(&self, lines: &[u8]) -> bool {
-        lines.len() >= FLUSH_AT || self.stopping.load(Ordering::Acquire)
-    }
-
-    /// The writer thread: waits for a first line, lets a batch gather (for
-    /// [`URGENT_WINDOW`] or [`LAZY_WINDOW`], or until [`FLUSH_AT`]), and
-    /// writes it out with the lock released, so a stalled stderr blocks
-    /// only this thread.
+    /// The writer thread: writes a batch at the end of each window
+    /// ([`LAZY_WINDOW`], or [`URGENT_WINDOW`] once an urgent line waits),
+    /// or as soon as [`FLUSH_AT`] bytes wait, with the lock released, so a
+    /// stalled stderr blocks only this thread. A window starts when the
+    /// last batch went out; one that ends with nothing to write leaves the
+    /// writer idle until the next line, so an idle tcplb's writer sleeps.
     pub fn write_out(&self, out: &mut impl Write) {
         let mut spare = Vec::new();
+        // A window starts with the first line, as nothing waits yet.
+        let mut started: Option<std::time::Instant> = None;
         loop {
             {
                 let mut lines = self.lock();
-                while lines.is_empty() && !self.stopping.load(Ordering::Acquire) {
-                    lines = self.ready.wait(lines).unwrap_or_else(|p| p.into_inner());
-                }
-                if lines.is_empty() {
-                    return;
-                }
-                let started = std::time::Instant::now();
-                let mut urgent = false;
                 loop {
-                    urgent = urgent || self.urgent.load(Ordering::Relaxed);
-                    let window = if urgent { URGENT_WINDOW } else { LAZY_WINDOW };
-                    let left = window.saturating_sub(started.elapsed());
-                    if left.is_zero() || self.due(&lines) {
+                    if self.stopping.load(Ordering::Acquire) || lines.len() >= FLUSH_AT {
                         break;
+                    }
+                    let Some(since) = started else {
+                        // Idle: the next line wakes the writer and starts a window.
+                        if lines.is_empty() {
+                            self.idle.store(true, Ordering::Relaxed);
+                            lines = self.ready.wait(lines).unwrap_or_else(|p| p.into_inner());
+                            continue;
+                        }
+                        started = Some(std::time::Instant::now());
+                        continue;
+                    };
+                    let urgent = self.urgent.load(Ordering::Relaxed);
+                    let window = if urgent { URGENT_WINDOW } else { LAZY_WINDOW };
+                    let left = window.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        if !lines.is_empty() {
+                            break;
+                        }
+                        started = None;
+                        continue;
                     }
                     lines =
                         self.ready.wait_timeout(lines, left).unwrap_or_else(|p| p.into_inner()).0;
                 }
+                self.idle.store(false, Ordering::Relaxed);
+                if lines.is_empty() {
+                    // Stopping, and nothing is left.
+                    return;
+                }
                 self.urgent.store(false, Ordering::Relaxed);
                 std::mem::swap(&mut *lines, &mut spare);
+                // The next window starts now, while lines keep coming: the
+                // writer wakes at its end on its own timer, not for a line.
+                started = Some(std::time::Instant::now());
             }
             // A write error (stderr closed) loses this batch; the next one
             // is tried all the same, as a reader may come back.
@@ -433,6 +458,79 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(300));
         assert!(out.bytes().len() > FLUSH_AT, "a large batch goes out at once");
+        lines.stop();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_lone_urgent_line_goes_out_at_once() {
+        let (lines, out, writer) = writer();
+        std::thread::sleep(Duration::from_millis(50));
+        lines.append(b"warning\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(out.text(), "warning\n", "an urgent line into an empty buffer waits");
+        lines.stop();
+        writer.join().unwrap();
+    }
+
+    /// A sink that notes, at each batch, its size and how often the thread
+    /// writing it has slept so far (its voluntary context switches).
+    #[derive(Clone, Default)]
+    struct Sleeps(Arc<Mutex<Vec<(usize, u64)>>>);
+
+    impl Write for Sleeps {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let slept = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap();
+            self.0.lock().unwrap().push((buf.len(), slept));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn steady_access_lines_wake_the_writer_once_a_window_and_an_idle_one_not_at_all() {
+        let lines = Arc::new(Lines::default());
+        let out = Sleeps::default();
+        let writer = {
+            let (lines, mut out) = (Arc::clone(&lines), out.clone());
+            std::thread::spawn(move || lines.write_out(&mut out))
+        };
+        // About 1 000 access lines a second for 3.3 s: three windows' worth.
+        let line = [b'x'; 99];
+        let until = std::time::Instant::now() + Duration::from_millis(3300);
+        while std::time::Instant::now() < until {
+            lines.append_lazy(&[&line[..], b"\n"].concat());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The last lines go out at the end of their window.
+        std::thread::sleep(Duration::from_millis(1200));
+        let batches = out.0.lock().unwrap().clone();
+        assert!((4..=5).contains(&batches.len()), "one batch a window: {batches:?}");
+        let (first, last) = (batches[0].1, batches[batches.len() - 1].1);
+        let windows = batches.len() as u64 - 1;
+        // Each window's end is one sleep; a wake-up to start each batch as
+        // well would make it two.
+        assert!(
+            last - first <= windows + 1,
+            "the writer slept {} times in {windows} windows: {batches:?}",
+            last - first
+        );
+        // Idle: the window after the last batch ends empty, then the writer
+        // sleeps until a line comes, and that line starts a window.
+        std::thread::sleep(Duration::from_millis(2500));
+        lines.append_lazy(b"later\n");
+        std::thread::sleep(Duration::from_millis(1300));
+        let after = out.0.lock().unwrap().clone();
+        assert_eq!(after.len(), batches.len() + 1, "a line after a pause goes out: {after:?}");
+        let slept = after[after.len() - 1].1 - last;
+        assert!(slept <= 3, "the writer slept {slept} times over a 3.8 s pause and one line");
         lines.stop();
         writer.join().unwrap();
     }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Connections in all, and at once.
-const CONNECTIONS: usize = 5000;
+const CONNECTIONS: usize = 10_000;
 const AT_ONCE: usize = 100;
 
 /// One echo round trip through tcplb.
