@@ -10,8 +10,9 @@
 //! message on a channel, a wake-up of the writer thread and a write(2) of
 //! its own (docs/benchmarks.md measures the difference at ~10k connections
 //! per second, each with its access line). Access lines batch longer than
-//! the rest (up to a second, or 256 KiB), as each wake-up of the writer
-//! costs the workers on a busy machine.
+//! the rest (up to a second, or 1 MiB), and while they keep coming the
+//! writer wakes on its own timer, once a batch, as each wake-up of the
+//! writer costs the workers on a busy machine.
 //!
 //! A leaf, so that the access log (in `conn`) can append its lines here
 //! directly, without going through tracing's formatter: see [`direct`].
