@@ -169,10 +169,10 @@ impl Fields<'_> {
         match self.style {
             Style::Text => {
                 self.out.extend_from_slice(name.as_bytes());
-                self.out.push(b'=');
+                self.out.push(b'.');
             }
             Style::Json => {
-                self.out.push(b'"');
+                self.out.push(b'.');
                 self.out.extend_from_slice(name.as_bytes());
                 self.out.extend_from_slice(b"\":");
             }
@@ -419,6 +419,18 @@ mod tests {
                 duration: Duration::from_millis(ms),
                 ..entry(None)
             };
+            for style in [Style::Text, Style::Json] {
+                prop_assert_eq!(direct(&e, style), through_tracing(&e, style));
+            }
+        }
+
+        /// Any address, IPv4 (written digit by digit) or IPv6, comes out
+        /// as `Display` shows it.
+        #[test]
+        fn addresses_are_written_as_display_shows_them(
+            client in any::<SocketAddr>(), backend in any::<Option<SocketAddr>>(),
+        ) {
+            let e = Entry { client, backend, ..entry(None) };
             for style in [Style::Text, Style::Json] {
                 prop_assert_eq!(direct(&e, style), through_tracing(&e, style));
             }
