@@ -169,10 +169,10 @@ impl Fields<'_> {
         match self.style {
             Style::Text => {
                 self.out.extend_from_slice(name.as_bytes());
-                self.out.push(b'.');
+                self.out.push(b'=');
             }
             Style::Json => {
-                self.out.push(b'.');
+                self.out.push(b'"');
                 self.out.extend_from_slice(name.as_bytes());
                 self.out.extend_from_slice(b"\":");
             }
