@@ -3,6 +3,7 @@
 //! They take sockets and deadlines only, never the configuration.
 
 use std::io;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -16,6 +17,32 @@ pub fn reset_on_close(stream: &TcpStream) {
     let sock = SockRef::from(stream);
     let _ = sock.set_nodelay(true);
     let _ = sock.set_linger(Some(Duration::ZERO));
+}
+
+/// Whether sockets whose connections close after `idle` of silence (None:
+/// never) need SO_KEEPALIVE: only when the kernel's first probe
+/// (`net.ipv4.tcp_keepalive_time`, two hours unless lowered) comes before
+/// that. With the default idle timeout (one hour) it never would, and the
+/// option costs a setsockopt on every backend connection; an operator who
+/// lowered the sysctl (to keep NAT or conntrack entries alive, or to find
+/// dead peers sooner) gets the probes. The sysctl is read once, on the
+/// control plane's first call.
+pub fn keepalive_needed(idle: Option<Duration>) -> bool {
+    static FIRST_PROBE: OnceLock<Option<Duration>> = OnceLock::new();
+    let first_probe = *FIRST_PROBE.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time").ok()?;
+        text.trim().parse().ok().map(Duration::from_secs)
+    });
+    probes_before(idle, first_probe)
+}
+
+/// Whether a first keepalive probe after `first_probe` (None: unknown)
+/// could come before an idle timeout of `idle` (None: none).
+fn probes_before(idle: Option<Duration>, first_probe: Option<Duration>) -> bool {
+    match (idle, first_probe) {
+        (Some(idle), Some(first)) => first < idle,
+        _ => true,
+    }
 }
 
 /// Waits until `deadline` for `stream` to have bytes and reads them into
@@ -94,4 +121,22 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     const ENOBUFS: i32 = 105;
     const ENOMEM: i32 = 12;
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_only_where_a_probe_could_come_before_the_idle_timeout() {
+        let (hour, two) = (Duration::from_secs(3600), Duration::from_secs(7200));
+        // The defaults: one hour idle, the kernel's first probe at two.
+        assert!(!probes_before(Some(hour), Some(two)));
+        // The sysctl lowered to ten minutes.
+        assert!(probes_before(Some(hour), Some(Duration::from_secs(600))));
+        // No idle timeout: keepalive is all that finds a dead peer.
+        assert!(probes_before(None, Some(two)));
+        // The sysctl could not be read.
+        assert!(probes_before(Some(hour), None));
+    }
 }

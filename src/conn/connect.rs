@@ -5,17 +5,20 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::Protocol;
 use crate::conn::http::Status;
 use crate::conn::proxy_protocol;
+use crate::conn::watch::{Alarm, Watch};
 use crate::io::{describe_io, is_resource_exhaustion, write_all};
 use crate::stats::Throttle;
 use crate::upstream::{ActiveGuard, Backend, Candidates, ConnectFailure, Service, Snapshot};
@@ -29,13 +32,15 @@ enum ConnectError {
     Timeout,
     /// The socket call failed (refused, unreachable, reset).
     Io(io::Error),
+    /// The drain deadline passed: nobody's fault, and nothing more is tried.
+    Drained,
 }
 
 impl ConnectError {
     fn reason(&self) -> ConnectFailure {
         match self {
             ConnectError::Timeout => ConnectFailure::Timeout,
-            ConnectError::Local(_) => ConnectFailure::Other,
+            ConnectError::Local(_) | ConnectError::Drained => ConnectFailure::Other,
             ConnectError::Io(e) => match e.kind() {
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
                 io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ConnectFailure::Reset,
@@ -51,6 +56,7 @@ impl ConnectError {
             }
             ConnectError::Io(e) => describe_io(e),
             ConnectError::Local(e) => format!("local resources exhausted: {e}"),
+            ConnectError::Drained => "shutdown".to_string(),
         }
     }
 }
@@ -74,32 +80,44 @@ pub(crate) struct BackendConn {
     _slot: ActiveGuard,
 }
 
+/// Why [`connect`] returned without a backend connection.
+#[derive(Debug)]
+pub(crate) enum NotConnected {
+    /// No candidate accepted: the status an HTTP client should see.
+    Failed(Status),
+    /// The drain deadline passed while connecting.
+    Drained,
+}
+
 /// Out of local resources: every connection would say so at once.
 static LOCAL_EXHAUSTION: Throttle = Throttle::new();
 /// Backend connect failures: a dead backend under load fails every connect.
 static CONNECT_FAILED: Throttle = Throttle::new();
 
-/// Tries the next candidates until one accepts (and takes its PROXY header);
-/// on failure returns the status an HTTP client should see.
+/// Tries the next candidates until one accepts (and takes its PROXY header),
+/// each within the connect timeout, which `watch` keeps.
 pub(crate) async fn connect(
     svc: &Service,
     snap: &Snapshot,
     candidates: &mut Candidates<'_>,
     ends: Endpoints,
-) -> Result<BackendConn, Status> {
+    mut watch: Pin<&mut Watch<'_>>,
+) -> Result<BackendConn, NotConnected> {
     let mut status = Status::ServiceUnavailable;
     let timeout = snap.config.connect_timeout;
     for backend in candidates {
         // A backend that filled up since it was picked is skipped like a down one.
         let Some(slot) = backend.try_claim() else { continue };
-        let result = match connect_one(backend.addr, timeout).await {
+        let keepalive = snap.backend_keepalive;
+        let result = match connect_one(backend.addr, timeout, keepalive, watch.as_mut()).await {
             Ok(stream) => match backend.send_proxy() {
                 Some(v) => {
                     let header = proxy_protocol::encode(v, ends.client, ends.destination);
-                    match write_all(&stream, &header).await {
-                        Ok(()) => Ok(stream),
-                        Err(e) => Err(ConnectError::Io(e)),
-                    }
+                    let written = tokio::select! {
+                        w = write_all(&stream, &header) => w.map_err(ConnectError::Io),
+                        alarm = watch.as_mut() => Err(alarm.into()),
+                    };
+                    written.map(|()| stream)
                 }
                 None => Ok(stream),
             },
@@ -121,8 +139,9 @@ pub(crate) async fn connect(
                 if let Some(suppressed) = LOCAL_EXHAUSTION.allow() {
                     warn!(listener = %svc.name, client = %ends.client, error = %e, suppressed, "cannot open a backend connection: out of local resources");
                 }
-                return Err(Status::ServiceUnavailable);
+                return Err(NotConnected::Failed(Status::ServiceUnavailable));
             }
+            Err(ConnectError::Drained) => return Err(NotConnected::Drained),
             Err(e) => {
                 let reason = e.describe(timeout);
                 if let Some(suppressed) = CONNECT_FAILED.allow() {
@@ -139,10 +158,27 @@ pub(crate) async fn connect(
             }
         }
     }
-    Err(status)
+    Err(NotConnected::Failed(status))
 }
 
-async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+impl From<Alarm> for ConnectError {
+    fn from(alarm: Alarm) -> Self {
+        match alarm {
+            Alarm::Deadline => ConnectError::Timeout,
+            Alarm::Drain => ConnectError::Drained,
+        }
+    }
+}
+
+/// Connects to `addr` within `timeout` (kept by `watch`, which also ends it
+/// at the drain deadline), with SO_KEEPALIVE when `keepalive` (client
+/// sockets inherit theirs from the listener).
+async fn connect_one(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: bool,
+    mut watch: Pin<&mut Watch<'_>>,
+) -> Result<TcpStream, ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -156,7 +192,9 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         }
     })?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
-    socket.set_keepalive(true).map_err(ConnectError::Io)?;
+    if keepalive {
+        socket.set_keepalive(true).map_err(ConnectError::Io)?;
+    }
     // A non-blocking connect returns EINPROGRESS while the handshake runs.
     match socket.connect(&addr.into()) {
         Err(e) if e.raw_os_error() != Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
@@ -165,10 +203,11 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         _ => {}
     }
     let stream = TcpStream::from_std(socket.into()).map_err(ConnectError::Io)?;
-    match tokio::time::timeout(timeout, established(&stream)).await {
-        Ok(Ok(())) => Ok(stream),
-        Ok(Err(e)) => Err(ConnectError::Io(e)),
-        Err(_) => Err(ConnectError::Timeout),
+    watch.as_mut().set(Some(Instant::now() + timeout));
+    tokio::select! {
+        biased;
+        r = established(&stream) => r.map(|()| stream).map_err(ConnectError::Io),
+        alarm = watch.as_mut() => Err(alarm.into()),
     }
 }
 
@@ -193,10 +232,14 @@ mod connect_tests {
 
     #[tokio::test]
     async fn a_connect_ends_established_or_with_the_kernels_reason() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
         for ip in ["127.0.0.1", "[::1]"] {
             let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
             let open = listener.local_addr().unwrap();
-            let mut stream = connect_one(open, Duration::from_secs(3)).await.unwrap();
+            let mut stream =
+                connect_one(open, Duration::from_secs(3), false, watch.as_mut()).await.unwrap();
+            assert!(!socket2::SockRef::from(&stream).keepalive().unwrap(), "{ip}: keepalive set");
             let (mut server, _) = listener.accept().await.unwrap();
             tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping").await.unwrap();
             let mut got = [0u8; 4];
@@ -204,14 +247,25 @@ mod connect_tests {
             assert_eq!(&got, b"ping", "{ip}: the established stream carries bytes");
 
             drop((listener, server));
-            match connect_one(open, Duration::from_secs(3)).await {
+            match connect_one(open, Duration::from_secs(3), false, watch.as_mut()).await {
                 Err(ConnectError::Io(e)) => {
                     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{ip}: {e}")
                 }
                 Err(ConnectError::Timeout) => panic!("{ip}: a refused connect timed out"),
                 Err(ConnectError::Local(e)) => panic!("{ip}: a refused connect blamed on us: {e}"),
+                Err(ConnectError::Drained) => panic!("{ip}: drained without a drain"),
                 Ok(_) => panic!("{ip}: connected to a closed port"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn backend_sockets_get_keepalive_when_asked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let watch = std::pin::pin!(Watch::new(&token));
+        let stream = connect_one(open, Duration::from_secs(3), true, watch).await.unwrap();
+        assert!(socket2::SockRef::from(&stream).keepalive().unwrap());
     }
 }

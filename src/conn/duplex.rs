@@ -12,17 +12,18 @@
 //! failure instead of a clean end of stream.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use crate::config::{SpliceMode, Timeouts};
 use crate::conn::pipe::{Pipe, PIPE_SIZE};
+use crate::conn::watch::{Alarm, Watch};
 use crate::io::{read_some, reset_on_close};
 
 /// How a spliced connection ended.
@@ -109,20 +110,6 @@ impl Activity {
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
-
-    /// Resolves once nothing has moved for `timeout`.
-    async fn quiet_for(&self, timeout: Option<Duration>) {
-        let Some(timeout) = timeout else {
-            return std::future::pending().await;
-        };
-        loop {
-            let deadline = self.last() + timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            sleep_until(deadline).await;
-        }
-    }
 }
 
 /// Which ends of a connection finished before the byte pump took it over.
@@ -135,8 +122,9 @@ pub struct Ended {
     pub backend: bool,
 }
 
-/// Copies bytes both ways until both directions end, one fails, a timeout
-/// fires or `cancel` is cancelled.
+/// Copies bytes both ways until both directions end, one fails, nothing
+/// moves for the idle (or half-close) timeout, or the drain deadline passes
+/// (both kept by `watch`).
 ///
 /// `totals` (client→backend, backend→client) are bumped as bytes move, so
 /// long-lived connections show up in metrics before they end.
@@ -145,7 +133,7 @@ pub async fn splice(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     timeouts: Timeouts,
-    cancel: &CancellationToken,
+    mut watch: Pin<&mut Watch<'_>>,
     totals: (&AtomicU64, &AtomicU64),
     ended: Ended,
     mode: SpliceMode,
@@ -164,6 +152,10 @@ pub async fn splice(
         loop {
             let half_closed = up_done || down_done;
             let limit = if half_closed { timeouts.after_half_close() } else { timeouts.idle };
+            // The pumps move bytes without coming back here, so the
+            // deadline is set from the last byte moved, and checked again
+            // when it passes.
+            watch.as_mut().set(limit.map(|limit| activity.last() + limit));
             tokio::select! {
                 r = &mut up, if !up_done => match r {
                     Ok(()) => {
@@ -185,10 +177,14 @@ pub async fn splice(
                     Err(Fault::Read(e)) => break (End::BackendError, Some(e)),
                     Err(Fault::Write(e)) => break (End::ClientError, Some(e)),
                 },
-                _ = activity.quiet_for(limit) => {
-                    break (if half_closed { End::HalfCloseTimeout } else { End::IdleTimeout }, None)
-                }
-                _ = cancel.cancelled() => break (End::Shutdown, None),
+                alarm = watch.as_mut() => match alarm {
+                    Alarm::Drain => break (End::Shutdown, None),
+                    Alarm::Deadline if limit.is_some_and(|l| Instant::now() >= activity.last() + l) => {
+                        break (if half_closed { End::HalfCloseTimeout } else { End::IdleTimeout }, None)
+                    }
+                    // Bytes moved since: wait for the deadline they set.
+                    Alarm::Deadline => {}
+                },
             }
         }
     };

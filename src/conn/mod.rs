@@ -3,7 +3,8 @@
 //! [`proxy`] carries it through admit (the [`proxy_protocol`] header,
 //! allow/deny), [`connect`] (candidates and retry), the first exchange
 //! ([`replay`], and [`http`] answers when no backend can be reached), and
-//! the byte pump ([`duplex`], with splice(2) [`pipe`]s). It reads the
+//! the byte pump ([`duplex`], with splice(2) [`pipe`]s); each phase also
+//! waits on the connection's one deadline and drain token ([`watch`]). It reads the
 //! [`upstream`](crate::upstream) state and never changes what a control task owns.
 
 pub mod access;
@@ -17,4 +18,5 @@ pub mod proxy_protocol;
 pub mod replay;
 pub mod route;
 pub mod tls;
+pub mod watch;
 pub mod workers;

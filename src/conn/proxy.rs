@@ -9,6 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,12 +20,13 @@ use tracing::{debug, warn};
 
 use crate::config::Protocol;
 use crate::conn::access;
-use crate::conn::connect::{connect, BackendConn, Endpoints};
+use crate::conn::connect::{connect, BackendConn, Endpoints, NotConnected};
 use crate::conn::duplex::{self, End, Ended};
 use crate::conn::http::{self, Peek, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
 use crate::conn::route;
+use crate::conn::watch::Watch;
 use crate::io::{describe_io, reset_on_close, write_all};
 use crate::stats::Throttle;
 use crate::upstream::clients::{Admission, Refusal};
@@ -173,9 +175,10 @@ impl<'a> Connection<'a> {
     /// connection.
     async fn run(&mut self) -> Ending {
         let snap = self.snap;
+        let mut watch = std::pin::pin!(Watch::new(self.cancel));
         let mut candidates = snap.pool.candidates(self.ends.client, snap.config.connect_attempts);
         self.svc.note_panic(candidates.is_panic());
-        let up = match self.connect(&mut candidates).await {
+        let up = match self.connect(&mut candidates, watch.as_mut()).await {
             Ok(up) => up,
             Err(ending) => return ending,
         };
@@ -189,12 +192,12 @@ impl<'a> Connection<'a> {
             let client = self.routed.as_ref().is_some_and(|r| r.client_ended);
             Established { up, ended: Ended { client, backend: false }, awaiting_answer: false }
         } else {
-            match self.first_exchange(up, &mut candidates).await {
+            match self.first_exchange(up, &mut candidates, watch.as_mut()).await {
                 Ok(established) => established,
                 Err(ending) => return ending,
             }
         };
-        self.splice(established).await
+        self.splice(established, watch).await
     }
 
     /// Reads the PROXY header when the listener expects one, then applies
@@ -323,21 +326,22 @@ impl<'a> Connection<'a> {
 
     /// Connects to the first candidate that accepts; when none does, answers
     /// an HTTP client with 502/503/504 and closes anything else.
-    async fn connect(&mut self, candidates: &mut Candidates<'_>) -> Result<BackendConn, Ending> {
-        let connected = tokio::select! {
-            r = connect(self.svc, self.snap, candidates, self.ends) => r,
-            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
-        };
-        match connected {
+    async fn connect(
+        &mut self,
+        candidates: &mut Candidates<'_>,
+        watch: Pin<&mut Watch<'_>>,
+    ) -> Result<BackendConn, Ending> {
+        match connect(self.svc, self.snap, candidates, self.ends, watch).await {
             Ok(up) => {
                 self.svc.stats.connect_duration.observe(self.started.elapsed());
                 self.backend = Some(up.backend.addr);
                 Ok(up)
             }
-            Err(status) => {
+            Err(NotConnected::Failed(status)) => {
                 let answered = self.answer_failure(status).await;
                 Err(Ending::new(answered.map_or("no backend", Status::end)))
             }
+            Err(NotConnected::Drained) => Err(Ending::new("shutdown")),
         }
     }
 
@@ -349,6 +353,7 @@ impl<'a> Connection<'a> {
         &mut self,
         mut up: BackendConn,
         candidates: &mut Candidates<'_>,
+        mut watch: Pin<&mut Watch<'_>>,
     ) -> Result<Established, Ending> {
         let timeouts = self.snap.config.timeouts();
         let mut held = Held::new();
@@ -367,7 +372,7 @@ impl<'a> Connection<'a> {
                 &mut up.stream,
                 &mut held,
                 timeouts,
-                self.cancel,
+                watch.as_mut(),
             )
             .await;
             let (bs, br) = up.backend.byte_counters();
@@ -394,7 +399,9 @@ impl<'a> Connection<'a> {
                     })
                 }
                 FirstOutcome::ClosedEarly(error) => {
-                    match self.after_early_close(&up, &mut held, candidates, error).await? {
+                    let next =
+                        self.after_early_close(&up, &mut held, candidates, error, watch.as_mut());
+                    match next.await? {
                         AfterClose::SpliceOn => {
                             let ended = Ended { client: held.client_done, backend: false };
                             return Ok(Established { up, ended, awaiting_answer: false });
@@ -435,6 +442,7 @@ impl<'a> Connection<'a> {
         held: &mut Held,
         candidates: &mut Candidates<'_>,
         error: Option<io::Error>,
+        watch: Pin<&mut Watch<'_>>,
     ) -> Result<AfterClose, Ending> {
         let (svc, snap) = (self.svc, self.snap);
         let reason = error.as_ref().map_or_else(|| "closed before answering".into(), describe_io);
@@ -465,16 +473,13 @@ impl<'a> Connection<'a> {
             self.respond(Status::BadGateway).await;
             return Err(Ending::with_error("502 after early close", error));
         }
-        let next = tokio::select! {
-            r = connect(svc, snap, candidates, self.ends) => r,
-            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
-        };
-        let next = match next {
+        let next = match connect(svc, snap, candidates, self.ends, watch).await {
             Ok(next) => next,
-            Err(status) => {
+            Err(NotConnected::Failed(status)) => {
                 self.respond(status).await;
                 return Err(Ending::new(status.end()));
             }
+            Err(NotConnected::Drained) => return Err(Ending::new("shutdown")),
         };
         debug!(listener = %svc.name, client = %self.ends.client, backend = %next.backend.addr, bytes = held.bytes().len(), "replaying request");
         if write_all(&next.stream, held.bytes()).await.is_err() {
@@ -487,14 +492,14 @@ impl<'a> Connection<'a> {
     }
 
     /// Copies bytes both ways until both directions end.
-    async fn splice(&mut self, established: Established) -> Ending {
+    async fn splice(&mut self, established: Established, watch: Pin<&mut Watch<'_>>) -> Ending {
         let Established { mut up, ended, awaiting_answer } = established;
         let cfg = &self.snap.config;
         let outcome = duplex::splice(
             &mut self.client,
             &mut up.stream,
             cfg.timeouts(),
-            self.cancel,
+            watch,
             up.backend.byte_counters(),
             ended,
             cfg.splice,

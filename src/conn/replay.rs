@@ -13,16 +13,17 @@
 //! end never waits in this phase.
 
 use std::io;
+use std::pin::Pin;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use tokio::io::AsyncWriteExt;
 
 use crate::config::Timeouts;
 use crate::conn::duplex::{forward, Step};
 use crate::conn::http::{self, Sniff};
+use crate::conn::watch::{Alarm, Watch};
 use crate::io::read_by;
 
 /// Most client bytes held for a replay.
@@ -217,13 +218,14 @@ pub struct Exchange {
 }
 
 /// Forwards client bytes to `backend` (holding them in `held`) until the
-/// backend answers, closes, or something fails.
+/// backend answers, closes, or something fails; `watch` keeps the idle (or
+/// half-close) deadline and the drain.
 pub async fn first_exchange(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     held: &mut Held,
     timeouts: Timeouts,
-    cancel: &CancellationToken,
+    mut watch: Pin<&mut Watch<'_>>,
 ) -> Exchange {
     let limit = |held: &Held| {
         if held.client_done {
@@ -232,13 +234,12 @@ pub async fn first_exchange(
             timeouts.idle
         }
     };
-    let idle = limit(held);
     let mut sent = 0u64;
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
     // Bytes a destination could not take at once (backpressure only).
     let (mut pending_up, mut pending_down) = (Vec::new(), Vec::new());
-    let mut deadline = idle.map(|d| Instant::now() + d);
+    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
     let result = loop {
         tokio::select! {
             // The backend first: its answer ends the phase.
@@ -259,7 +260,7 @@ pub async fn first_exchange(
                 Step::Eof => {
                     held.client_done = true;
                     let _ = bw.shutdown().await;
-                    deadline = limit(held).map(|d| Instant::now() + d);
+                    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
                 }
                 Step::ReadError(e) => break FirstOutcome::ClientError(e),
                 Step::WriteError(e) => break FirstOutcome::BackendError(e),
@@ -278,22 +279,16 @@ pub async fn first_exchange(
                     if !held.may_replay() {
                         return Exchange { sent, received: 0, result: FirstOutcome::NoReplay };
                     }
-                    deadline = limit(held).map(|d| Instant::now() + d);
+                    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
                 }
             },
-            _ = until(deadline) => break FirstOutcome::IdleTimeout,
-            _ = cancel.cancelled() => break FirstOutcome::Shutdown,
+            alarm = watch.as_mut() => break match alarm {
+                Alarm::Deadline => FirstOutcome::IdleTimeout,
+                Alarm::Drain => FirstOutcome::Shutdown,
+            },
         }
     };
     Exchange { sent, received: 0, result }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

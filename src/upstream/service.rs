@@ -25,6 +25,10 @@ pub struct Snapshot {
     /// Some connection needs the address the client connected to (a PROXY
     /// header goes out or comes in): only then is getsockname worth a syscall.
     pub needs_destination: bool,
+    /// Backend sockets get SO_KEEPALIVE: only when the kernel's probes
+    /// could start before the idle timeout closes a silent connection
+    /// ([`keepalive_needed`](crate::io::keepalive_needed)).
+    pub backend_keepalive: bool,
 }
 
 impl Snapshot {
@@ -33,7 +37,8 @@ impl Snapshot {
         let needs_destination = config.accept_proxy
             || config.send_proxy.is_some()
             || config.upstreams.iter().any(|u| u.send_proxy.is_some());
-        Snapshot { config, pool, needs_destination }
+        let backend_keepalive = crate::io::keepalive_needed(config.idle_timeout);
+        Snapshot { config, pool, needs_destination, backend_keepalive }
     }
 
     /// Whether real traffic feeds health. Only when active probes run: with
