@@ -67,27 +67,28 @@ pub async fn serve(
     if let Err(ending) = conn.admit().await {
         return conn.log(ending);
     }
+    let mut watch = std::pin::pin!(Watch::new(&cancel));
     if !snap.config.routes.is_empty() {
         // Boxed: a connection without routes carries none of this state.
-        return Box::pin(serve_routed(conn)).await;
+        return Box::pin(serve_routed(conn, watch)).await;
     }
-    let ending = conn.run().await;
+    let ending = conn.run(watch.as_mut()).await;
     conn.log(ending);
 }
 
 /// The rest of [`serve`] on a listener with routes.
-async fn serve_routed(mut conn: Connection<'_>) {
+async fn serve_routed(mut conn: Connection<'_>, mut watch: Pin<&mut Watch<'_>>) {
     let routes = conn.svc.routes();
-    match conn.route(&routes).await {
+    match conn.route(&routes, watch.as_mut()).await {
         Err(ending) => conn.log(ending),
         Ok(None) => {
-            let ending = conn.run().await;
+            let ending = conn.run(watch).await;
             conn.log(ending);
         }
         Ok(Some(route)) => {
             let route_snap = route.snapshot();
             let mut conn = conn.rebind(route, &route_snap);
-            let ending = conn.run().await;
+            let ending = conn.run(watch).await;
             conn.log(ending);
         }
     }
@@ -173,9 +174,8 @@ struct Established {
 impl<'a> Connection<'a> {
     /// The phases after admission (and the route), until one ends the
     /// connection.
-    async fn run(&mut self) -> Ending {
+    async fn run(&mut self, mut watch: Pin<&mut Watch<'_>>) -> Ending {
         let snap = self.snap;
-        let mut watch = std::pin::pin!(Watch::new(self.cancel));
         let mut candidates = snap.pool.candidates(self.ends.client, snap.config.connect_attempts);
         self.svc.note_panic(candidates.is_panic());
         let up = match self.connect(&mut candidates, watch.as_mut()).await {
@@ -262,14 +262,13 @@ impl<'a> Connection<'a> {
     async fn route<'r>(
         &mut self,
         routes: &'r [Arc<Service>],
+        mut watch: Pin<&mut Watch<'_>>,
     ) -> Result<Option<&'r Arc<Service>>, Ending> {
         let (svc, cfg) = (self.svc, &self.snap.config);
-        let deadline = Instant::now() + cfg.peek_timeout;
+        watch.as_mut().set(Some(Instant::now() + cfg.peek_timeout));
         let mut early = Vec::new();
-        let choice = tokio::select! {
-            c = route::choose(&self.client, &cfg.routes, &mut early, deadline) => c,
-            _ = self.cancel.cancelled() => return Err(Ending::new("shutdown")),
-        };
+        let choice = route::choose(&self.client, &cfg.routes, &mut early, watch).await;
+        let Some(choice) = choice else { return Err(Ending::new("shutdown")) };
         let target = choice.route.and_then(|i| Some((&cfg.routes.get(i)?.name, routes.get(i)?)));
         self.routed = Some(Box::new(Routed {
             listener: Arc::clone(&svc.name),

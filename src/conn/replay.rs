@@ -79,13 +79,22 @@ impl Held {
             self.stop_tracking();
             return;
         }
-        self.bytes.extend_from_slice(chunk);
+        // A first chunk is judged before it is copied: bytes that are
+        // certainly not a request (a ClientHello, a Redis command) are
+        // never held at all.
+        let first = self.bytes.is_empty();
+        if !first {
+            self.bytes.extend_from_slice(chunk);
+        }
         if !self.http {
-            match http::sniff(&self.bytes) {
+            match http::sniff(if first { chunk } else { &self.bytes }) {
                 Sniff::Http { .. } => self.http = true,
-                Sniff::NotHttp => self.stop_tracking(),
+                Sniff::NotHttp => return self.stop_tracking(),
                 Sniff::NeedMore => {}
             }
+        }
+        if first {
+            self.bytes.extend_from_slice(chunk);
         }
     }
 

@@ -6,17 +6,23 @@
 //! readiness, and a client that sends nothing more is simply not read again
 //! until it does or the deadline passes.
 
+use std::pin::Pin;
+
+use bytes::BufMut;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::config::route::{self, RouteConfig};
 use crate::conn::http::{self, Sniff};
 use crate::conn::tls::{self, Hello};
-use crate::io::read_by;
+use crate::conn::watch::{Alarm, Watch};
 
 /// Most bytes read to decide: a ClientHello of many extensions, or a
 /// request head with large cookies.
 pub const LIMIT: usize = tls::MAX_HELLO;
+
+/// Most bytes one read takes: a whole ClientHello, or a request head,
+/// nearly always.
+const READ: usize = 4096;
 
 /// What the client's first bytes said, and where they go.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -43,29 +49,45 @@ enum Seen {
 }
 
 /// Reads the client's first bytes into `early` until a route is chosen,
-/// `deadline` passes, or the client stops sending.
+/// the deadline `watch` keeps passes, or the client stops sending; None
+/// when the drain deadline passed first.
 pub async fn choose(
     client: &TcpStream,
     routes: &[RouteConfig],
     early: &mut Vec<u8>,
-    deadline: Instant,
-) -> Choice {
+    mut watch: Pin<&mut Watch<'_>>,
+) -> Option<Choice> {
     let mut choice = Choice::default();
-    // On the heap: a stack array would live in every connection's future.
-    let mut chunk = vec![0u8; 4096];
     let seen = loop {
         match classify(early) {
             Seen::NeedMore if early.len() < LIMIT => {}
             Seen::NeedMore => break Seen::Other,
             seen => break seen,
         }
-        let room = (LIMIT - early.len()).min(chunk.len());
-        match read_by(client, &mut chunk[..room], deadline).await {
+        let room = (LIMIT - early.len()).min(READ);
+        early.reserve(room);
+        let read = loop {
+            tokio::select! {
+                biased;
+                ready = client.readable() => if ready.is_err() { break None },
+                alarm = watch.as_mut() => match alarm {
+                    Alarm::Deadline => break None,
+                    Alarm::Drain => return None,
+                },
+            }
+            // Straight into `early`: no buffer of its own to fill and copy.
+            match client.try_read_buf(&mut (&mut *early).limit(room)) {
+                Ok(n) => break Some(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break None,
+            }
+        };
+        match read {
             Some(0) => {
                 choice.ended = true;
                 break classify_final(early);
             }
-            Some(n) => early.extend_from_slice(&chunk[..n]),
+            Some(_) => {}
             // Timeout or a failed read: the default pool, with what came.
             None => break classify_final(early),
         }
@@ -82,7 +104,7 @@ pub async fn choose(
         }
         Seen::NeedMore | Seen::Other => {}
     }
-    choice
+    Some(choice)
 }
 
 fn classify(buf: &[u8]) -> Seen {
