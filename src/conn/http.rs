@@ -107,8 +107,11 @@ pub enum Sniff {
 
 /// Classifies the first bytes of a client stream. Never panics.
 pub fn sniff(buf: &[u8]) -> Sniff {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
+    // Only the request line decides, and it is parsed before any header:
+    // with no room for headers, the first one ends the parse
+    // (TooManyHeaders, after the line), and no header array is zeroed for
+    // every request.
+    let mut req = httparse::Request::new(&mut []);
     let parsed = req.parse(buf);
     let line_seen = req.version.is_some();
     let head = req.method == Some("HEAD");
@@ -231,10 +234,41 @@ mod tests {
         }
     }
 
+    /// `sniff` as it was, with room for 64 headers.
+    fn sniff_with_headers(buf: &[u8]) -> Sniff {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = req.parse(buf);
+        let line_seen = req.version.is_some();
+        let head = req.method == Some("HEAD");
+        match parsed {
+            Ok(_) if line_seen => Sniff::Http { head },
+            Err(httparse::Error::TooManyHeaders) if line_seen => Sniff::Http { head },
+            Ok(_) if buf.len() >= PEEK_LIMIT => Sniff::NotHttp,
+            Ok(_) => Sniff::NeedMore,
+            Err(_) if line_seen => Sniff::Http { head },
+            Err(_) => Sniff::NotHttp,
+        }
+    }
+
     proptest! {
         #[test]
         fn sniff_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..6000)) {
             let _ = sniff(&bytes);
+        }
+
+        #[test]
+        fn sniff_says_what_a_parse_with_room_for_headers_says(
+            line in "(GET|HEAD|PUT|POST|BREW|G\\x00T) [ -~]{0,20} HTTP/1\\.[01]\\r\\n",
+            headers in proptest::collection::vec("[A-Za-z-]{1,12}: [ -~]{0,20}\\r\\n", 0..4),
+            end in "(\\r\\n)?",
+            cut in 0usize..200,
+            noise in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut bytes = [line, headers.concat(), end].concat().into_bytes();
+            bytes.truncate(cut.min(bytes.len()));
+            bytes.extend_from_slice(&noise);
+            prop_assert_eq!(sniff(&bytes), sniff_with_headers(&bytes));
         }
 
         #[test]
