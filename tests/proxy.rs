@@ -343,6 +343,39 @@ async fn drain_timeout_closes_what_remains() {
     assert!(r.is_err() || rest.is_empty());
 }
 
+/// The drain deadline closes connections in every phase that waits: one
+/// being routed (its client silent, the peek timeout far off) and one in
+/// the first exchange (its request sent, the backend silent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_closes_connections_waiting_in_any_phase() {
+    use tcplb::config::route::RouteConfig;
+    use tcplb::config::Upstream;
+    let (silent, _) = serve(|mut s: TcpStream| async move {
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    let mut l = listener(&[silent]);
+    l.peek_timeout = Duration::from_secs(60);
+    let upstreams = vec![Upstream::new("127.0.0.1", silent.port())];
+    l.routes = vec![RouteConfig::new("r", vec!["example.com".into()], upstreams, &l)];
+    let mut config = Config::single(l);
+    config.drain_timeout = Duration::from_millis(300);
+    let mut lb = start(config).await;
+    let mut routing = TcpStream::connect(lb.addr).await.unwrap();
+    let mut waiting = TcpStream::connect(lb.addr).await.unwrap();
+    waiting.write_all(b"GET / HTTP/1.1\r\nHost: other\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lb.shutdown();
+    tokio::time::timeout(T, &mut lb.task).await.expect("exits at the drain deadline").unwrap();
+    for (what, s) in [("being routed", &mut routing), ("in the first exchange", &mut waiting)] {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(T, s.read_to_end(&mut rest)).await;
+        let r = r.unwrap_or_else(|_| panic!("{what}: still open after the drain deadline"));
+        assert!(r.is_err() || rest.is_empty(), "{what}: {rest:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_listen_addresses_share_the_backends() {
     let (a, _) = tag_backend("A").await;
