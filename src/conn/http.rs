@@ -111,7 +111,12 @@ pub fn sniff(buf: &[u8]) -> Sniff {
     // with no room for headers, the first one ends the parse
     // (TooManyHeaders, after the line), and no header array is zeroed for
     // every request.
-    let mut req = httparse::Request::new(&mut []);
+    sniff_with(buf, &mut [])
+}
+
+/// [`sniff`], parsing with room for `headers`, which do not change the verdict.
+fn sniff_with<'b>(buf: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Sniff {
+    let mut req = httparse::Request::new(headers);
     let parsed = req.parse(buf);
     let line_seen = req.version.is_some();
     let head = req.method == Some("HEAD");
@@ -236,19 +241,7 @@ mod tests {
 
     /// `sniff` as it was, with room for 64 headers.
     fn sniff_with_headers(buf: &[u8]) -> Sniff {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(buf);
-        let line_seen = req.version.is_some();
-        let head = req.method == Some("HEAD");
-        match parsed {
-            Ok(_) if line_seen => Sniff::Http { head },
-            Err(httparse::Error::TooManyHeaders) if line_seen => Sniff::Http { head },
-            Ok(_) if buf.len() >= PEEK_LIMIT => Sniff::NotHttp,
-            Ok(_) => Sniff::NeedMore,
-            Err(_) if line_seen => Sniff::Http { head },
-            Err(_) => Sniff::NotHttp,
-        }
+        sniff_with(buf, &mut [httparse::EMPTY_HEADER; 64])
     }
 
     proptest! {

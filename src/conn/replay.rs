@@ -236,19 +236,17 @@ pub async fn first_exchange(
     timeouts: Timeouts,
     mut watch: Pin<&mut Watch<'_>>,
 ) -> Exchange {
-    let limit = |held: &Held| {
-        if held.client_done {
-            timeouts.after_half_close()
-        } else {
-            timeouts.idle
-        }
+    // From now: the idle timeout, or the half-close one once the client ended.
+    let deadline = |held: &Held| {
+        let limit = if held.client_done { timeouts.after_half_close() } else { timeouts.idle };
+        limit.map(|d| Instant::now() + d)
     };
     let mut sent = 0u64;
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
     // Bytes a destination could not take at once (backpressure only).
     let (mut pending_up, mut pending_down) = (Vec::new(), Vec::new());
-    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
+    watch.as_mut().set(deadline(held));
     let result = loop {
         tokio::select! {
             // The backend first: its answer ends the phase.
@@ -269,7 +267,7 @@ pub async fn first_exchange(
                 Step::Eof => {
                     held.client_done = true;
                     let _ = bw.shutdown().await;
-                    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
+                    watch.as_mut().set(deadline(held));
                 }
                 Step::ReadError(e) => break FirstOutcome::ClientError(e),
                 Step::WriteError(e) => break FirstOutcome::BackendError(e),
@@ -288,7 +286,7 @@ pub async fn first_exchange(
                     if !held.may_replay() {
                         return Exchange { sent, received: 0, result: FirstOutcome::NoReplay };
                     }
-                    watch.as_mut().set(limit(held).map(|d| Instant::now() + d));
+                    watch.as_mut().set(deadline(held));
                 }
             },
             alarm = watch.as_mut() => break match alarm {
