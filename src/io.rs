@@ -69,12 +69,37 @@ pub async fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> O
 /// before it).
 pub fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     use rustix::net::{recv, RecvFlags};
-    use tokio::io::Interest;
+    let room = buf.len();
+    read_clearing(src, room, || recv(src, &mut *buf, RecvFlags::empty()).map(|(n, _)| n))
+}
+
+/// [`read_some`] into the spare capacity of `buf`, which it extends by what
+/// it read: no zeroed buffer to fill and copy out of.
+pub fn read_some_spare(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    use rustix::buffer::spare_capacity;
+    use rustix::net::{recv, RecvFlags};
+    let room = buf.capacity() - buf.len();
+    if room == 0 {
+        // A read of nothing would look like the end of the stream.
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no room to read into"));
+    }
+    read_clearing(src, room, || {
+        recv(src, spare_capacity(&mut *buf), RecvFlags::empty()).map(|(n, _)| n)
+    })
+}
+
+/// Runs `recv` (a read of at most `room` bytes) as tokio's `try_io`, and
+/// takes a short read for the WouldBlock that clears the readiness.
+fn read_clearing(
+    src: &TcpStream,
+    room: usize,
+    mut recv: impl FnMut() -> rustix::io::Result<usize>,
+) -> io::Result<Option<usize>> {
     let mut got = 0;
-    let r = src.try_io(Interest::READABLE, || {
-        let (n, _) = recv(src, &mut *buf, RecvFlags::empty())?;
+    let r = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = recv()?;
         got = n;
-        if n > 0 && n < buf.len() {
+        if n > 0 && n < room {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
             Ok(n)

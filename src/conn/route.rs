@@ -8,13 +8,13 @@
 
 use std::pin::Pin;
 
-use bytes::BufMut;
 use tokio::net::TcpStream;
 
 use crate::config::route::{self, RouteConfig};
 use crate::conn::http::{self, Sniff};
 use crate::conn::tls::{self, Hello};
 use crate::conn::watch::{Alarm, Watch};
+use crate::io::read_some_spare;
 
 /// Most bytes read to decide: a ClientHello of many extensions, or a
 /// request head with large cookies.
@@ -64,8 +64,8 @@ pub async fn choose(
             Seen::NeedMore => break Seen::Other,
             seen => break seen,
         }
-        let room = (LIMIT - early.len()).min(READ);
-        early.reserve(room);
+        // Exactly: a read takes all the spare capacity there is.
+        early.reserve_exact((LIMIT - early.len()).min(READ));
         let read = loop {
             tokio::select! {
                 biased;
@@ -76,9 +76,11 @@ pub async fn choose(
                 },
             }
             // Straight into `early`: no buffer of its own to fill and copy.
-            match client.try_read_buf(&mut (&mut *early).limit(room)) {
-                Ok(n) => break Some(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // A short read clears the readiness, so the byte pump's first
+            // read after a whole ClientHello waits instead of failing.
+            match read_some_spare(client, early) {
+                Ok(Some(n)) => break Some(n),
+                Ok(None) => {}
                 Err(_) => break None,
             }
         };
@@ -177,6 +179,37 @@ mod tests {
         assert_eq!(seen(b"SSH-2.0-OpenSSH\r\n"), Seen::Other);
         assert_eq!(seen(b"*1\r\n$4\r\nPING\r\n"), Seen::Other);
         assert_eq!(classify_final(b"GET / HTTP/1.1\r\nHo"), Seen::Other);
+    }
+
+    /// Whether the reactor would be asked before `s` is read again: false
+    /// when tokio still holds a readiness for it, which the next read of
+    /// the byte pump would pay for with a recv that fails with EAGAIN.
+    fn waits_for_the_reactor(s: &TcpStream) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let ready = std::pin::pin!(s.readable());
+        std::future::Future::poll(ready, &mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn a_hello_read_whole_leaves_no_stale_readiness() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (client, _) = l.accept().await.unwrap();
+        let hello = tls::probe_hello(Some("api.example.com"));
+        peer.write_all(&hello).await.unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let watch = std::pin::pin!(Watch::new(&token));
+        let mut early = Vec::new();
+        let choice = choose(&client, &[], &mut early, watch).await.unwrap();
+        assert_eq!(choice.sni.as_deref(), Some("api.example.com"));
+        assert_eq!(early, hello);
+        assert!(waits_for_the_reactor(&client), "a short read must clear tokio's readiness");
+        // And the next bytes are seen all the same.
+        peer.write_all(b"more").await.unwrap();
+        client.readable().await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(client.try_read(&mut buf).unwrap(), 4);
     }
 
     proptest! {
