@@ -10,12 +10,14 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Makes the coming close of `stream` send RST instead of FIN. Bytes held
-/// back by MSG_MORE go out first: setting TCP_NODELAY pushes them (tcp(7)),
-/// and a RST would otherwise discard them.
-pub fn reset_on_close(stream: &TcpStream) {
+/// Makes the coming close of `stream` send RST instead of FIN. When bytes
+/// may be held back by MSG_MORE (`corked`), they go out first: setting
+/// TCP_NODELAY pushes them (tcp(7)), and a RST would otherwise discard them.
+pub fn reset_on_close(stream: &TcpStream, corked: bool) {
     let sock = SockRef::from(stream);
-    let _ = sock.set_nodelay(true);
+    if corked {
+        let _ = sock.set_nodelay(true);
+    }
     let _ = sock.set_linger(Some(Duration::ZERO));
 }
 

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
@@ -141,12 +141,19 @@ pub async fn splice(
     let activity = Activity::new(u8::from(ended.client));
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
+    // Whether a direction sent bytes with MSG_MORE (its last, with the FIN
+    // to follow) to the client, or to the backend: only then may a reset
+    // of that socket have bytes to push out first. The first exchange's
+    // did so to the client when the backend's FIN came with its bytes.
+    let corked = (AtomicBool::new(ended.backend), AtomicBool::new(false));
     let (mut cr, mut cw) = client.split();
     let (mut br, mut bw) = backend.split();
     let (end, error) = {
-        let up = pump(&mut cr, &mut bw, [&sent, totals.0], &activity, mode, Start::Request);
+        let to_backend = Dest { counters: [&sent, totals.0], corked: &corked.1 };
+        let up = pump(&mut cr, &mut bw, to_backend, &activity, mode, Start::Request);
         let down_start = if ended.backend { Start::AtEof } else { Start::Response };
-        let down = pump(&mut br, &mut cw, [&received, totals.1], &activity, mode, down_start);
+        let to_client = Dest { counters: [&received, totals.1], corked: &corked.0 };
+        let down = pump(&mut br, &mut cw, to_client, &activity, mode, down_start);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (ended.client, false);
         loop {
@@ -190,8 +197,8 @@ pub async fn splice(
     };
     match end {
         // Tell the surviving side that its peer failed rather than finished.
-        End::ClientError => reset_on_close(bw.as_ref()),
-        End::BackendError => reset_on_close(cw.as_ref()),
+        End::ClientError => reset_on_close(bw.as_ref(), corked.1.load(Ordering::Relaxed)),
+        End::BackendError => reset_on_close(cw.as_ref(), corked.0.load(Ordering::Relaxed)),
         _ => {}
     }
     Outcome {
@@ -205,10 +212,18 @@ pub async fn splice(
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write half
 /// (unless the other direction has ended too: then close() sends the FIN).
 /// With splice(2) allowed, a bulk direction moves to a pipe (zero copy).
+/// What a direction of the pump tells about its destination.
+struct Dest<'a> {
+    /// Bumped by the bytes written: the connection's, then the backend's.
+    counters: [&'a AtomicU64; 2],
+    /// Set once bytes went out with MSG_MORE.
+    corked: &'a AtomicBool,
+}
+
 async fn pump(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
-    counters: [&AtomicU64; 2],
+    dest: Dest<'_>,
     activity: &Activity,
     mut mode: SpliceMode,
     start: Start,
@@ -235,7 +250,7 @@ async fn pump(
     while !ended {
         if splicing {
             let auto = (mode == SpliceMode::Auto).then_some(&mut traffic);
-            let spliced = splice_loop(from.as_ref(), to.as_ref(), counters, activity, auto);
+            let spliced = splice_loop(from.as_ref(), to.as_ref(), dest.counters, activity, auto);
             // Boxed: its state would otherwise sit in every connection's future.
             match Box::pin(spliced).await? {
                 Spliced::Eof => break,
@@ -254,6 +269,10 @@ async fn pump(
             Step::WriteError(e) => return Err(Fault::Write(e)),
             Step::Moved { read, written, last } => (read, written, last),
         };
+        if last {
+            // forward() sent them with MSG_MORE.
+            dest.corked.store(true, Ordering::Relaxed);
+        }
         activity.touch();
         let mut moved = written as u64;
         if !pending.is_empty() {
@@ -264,7 +283,7 @@ async fn pump(
             pending = Vec::new();
             activity.touch();
         }
-        for c in counters {
+        for c in dest.counters {
             c.fetch_add(moved, Ordering::Relaxed);
         }
         ended = last;
@@ -636,7 +655,7 @@ mod tests {
         let (mut dst, _sink) = pair().await;
         peer.try_write(b"partial").unwrap();
         settle().await;
-        reset_on_close(&peer);
+        reset_on_close(&peer, true);
         drop(peer);
         settle().await;
         let (mut from, _) = src.split();
@@ -652,6 +671,67 @@ mod tests {
                 other => panic!("a reset must stay a reset, got {other:?}"),
             }
         }
+    }
+
+    /// Runs the pump over `client` and `backend` (tcplb's sockets) until it ends.
+    async fn run(client: &mut TcpStream, backend: &mut TcpStream, ended: Ended) -> Outcome {
+        let token = tokio_util::sync::CancellationToken::new();
+        let watch = std::pin::pin!(Watch::new(&token));
+        let timeouts = Timeouts { idle: Some(Duration::from_secs(5)), half_close: None };
+        let totals = (AtomicU64::new(0), AtomicU64::new(0));
+        let totals = (&totals.0, &totals.1);
+        splice(client, backend, timeouts, watch, totals, ended, SpliceMode::Off).await
+    }
+
+    /// Resets `s`: its peer's next read fails.
+    fn reset(s: TcpStream) {
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_passed_on_without_a_push_when_nothing_was_held_back() {
+        let (mut client, peer) = pair().await;
+        let (mut backend, mut server) = pair().await;
+        peer.try_write(b"last words").unwrap();
+        settle().await;
+        reset(peer);
+        let out = run(&mut client, &mut backend, Ended::default()).await;
+        assert_eq!(out.end, End::ClientError);
+        // Nothing went to the backend with MSG_MORE: no TCP_NODELAY to push it.
+        assert!(!backend.nodelay().unwrap());
+        drop(backend);
+        let mut got = Vec::new();
+        let err = server.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(got, b"last words");
+    }
+
+    #[tokio::test]
+    async fn a_reset_pushes_out_what_msg_more_may_hold_back() {
+        let (mut client, peer) = pair().await;
+        let (mut backend, mut server) = pair().await;
+        // The backend's last bytes and FIN: the pump sends them to the
+        // client with MSG_MORE. Then the backend resets, and the client's
+        // next bytes cannot be written to it.
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        settle().await;
+        let pump = tokio::spawn(async move {
+            let out = run(&mut client, &mut backend, Ended::default()).await;
+            (out, client.nodelay().unwrap())
+        });
+        settle().await;
+        reset(server);
+        settle().await;
+        let mut peer = peer;
+        let _ = peer.write_all(b"more").await;
+        let (out, pushed) = pump.await.unwrap();
+        assert_eq!(out.end, End::BackendError);
+        assert!(pushed, "bytes sent with MSG_MORE are pushed out before the reset");
+        let mut got = Vec::new();
+        let _ = peer.read_to_end(&mut got).await;
+        assert_eq!(got, b"bye");
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl<'a> Connection<'a> {
         let Some(routed) = &self.routed else { return Ok(()) };
         if !routed.early.is_empty() {
             if let Err(e) = write_all(&up.stream, &routed.early).await {
-                reset_on_close(&self.client);
+                reset_on_close(&self.client, true);
                 return Err(Ending::with_error("backend error", Some(e)));
             }
             let n = routed.early.len() as u64;
@@ -419,11 +419,11 @@ impl<'a> Connection<'a> {
                     return Err(Ending::with_error("client closed", error))
                 }
                 FirstOutcome::BackendError(e) => {
-                    reset_on_close(&self.client);
+                    reset_on_close(&self.client, true);
                     return Err(Ending::with_error("backend error", Some(e)));
                 }
                 FirstOutcome::ClientError(e) => {
-                    reset_on_close(&up.stream);
+                    reset_on_close(&up.stream, true);
                     return Err(Ending::with_error("client error", Some(e)));
                 }
                 FirstOutcome::IdleTimeout => return Err(Ending::new("idle timeout")),
@@ -457,7 +457,7 @@ impl<'a> Connection<'a> {
             if error.is_some() {
                 // Reset: the client must see a reset too, never a clean end
                 // of stream that reads as a complete, empty answer.
-                reset_on_close(&self.client);
+                reset_on_close(&self.client, true);
                 return Err(Ending::with_error("backend error", error));
             }
             // Not ours to judge: forward what was read, splice on, and the
