@@ -12,12 +12,16 @@
 #   WORKERS=1 bench/ab.sh nginx target/release/tcplb   # one worker each
 #   URL_PATH=/body/64k bench/ab.sh haproxy-splice target/release/tcplb
 #   TOGETHER=1 ROUNDS=40 bench/ab.sh A B   # both stay up, 2 s rounds
+#   WORKLOAD=tls bench/ab.sh nginx target/release/tcplb   # new TLS connections routed by SNI
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
 # tcplb's workers have, instead of one shared socket. URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k
-# (BODY_SIZES in bench/lib.sh).
+# (BODY_SIZES in bench/lib.sh). WORKLOAD=tls is compare.sh's TLS workload:
+# a new TLS connection (TLS 1.3, resumed) and one request each, through a
+# balancer that routes the name "localhost" by SNI without terminating TLS
+# to one nginx that does.
 #
 # TOGETHER=1 starts A and B once, on two ports, and keeps both up: a round
 # is then two short wrk runs (DURATION defaults to 2 s) a few seconds apart
@@ -37,10 +41,12 @@ ROUNDS=${ROUNDS:-12}
 TOGETHER=${TOGETHER:-0}
 DURATION=${DURATION:-$([ "$TOGETHER" = 1 ] && echo 2 || echo 5)}
 WORKLOAD=${WORKLOAD:-close}
+URL_BASE=http://127.0.0.1:
 case $WORKLOAD in
     close) HEADER="Connection: close" ;;
     keep-alive) HEADER="Connection: keep-alive" ;;
-    *) echo "ab.sh: WORKLOAD must be close or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
+    tls) HEADER="Connection: close"; URL_BASE=https://localhost: ;;
+    *) echo "ab.sh: WORKLOAD must be close, keep-alive or tls, not '$WORKLOAD'" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(nproc)}
 URL_PATH=${URL_PATH:-/}
@@ -52,6 +58,31 @@ for tool in nginx wrk; do
 done
 
 one_lb_setup ab
+if [ "$WORKLOAD" = tls ]; then
+    # Nothing may listen on TLS_DEAD: a name that was not routed fails.
+    TLS_BACKEND=18483; TLS_DEAD=18480
+    require_free_ports $TLS_BACKEND $TLS_DEAD
+    export TLS_BACKEND TLS_DEAD
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+    cat > "$WORK/nginx-tls.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx-tls.pid;
+error_log $WORK/nginx-tls.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    server {
+        listen 127.0.0.1:$TLS_BACKEND ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        location / { return 200 "hello, tls\n"; }
+    }
+}
+CONF
+    nginx -c "$WORK/nginx-tls.conf"
+    trap '[ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
+fi
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"
     lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
 }
@@ -61,15 +92,15 @@ if [ "$TOGETHER" = 1 ]; then
     LB_B=$((LB + 1))
     require_free_ports $LB_B
     mkdir -p "$WORK/a" "$WORK/b"
-    trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; one_lb_cleanup' EXIT
+    trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
     start_lb "$WORK/a" "$A" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
     start_lb "$WORK/b" "$B" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
-    for port in $LB $LB_B; do wrk -t1 -c50 -d1 -H "$HEADER" "http://127.0.0.1:$port$URL_PATH" >/dev/null; done
+    for port in $LB $LB_B; do wrk -t1 -c50 -d1 -H "$HEADER" "$URL_BASE$port$URL_PATH" >/dev/null; done
     one() { # A or B (already running) -> "req/s proxy-CPU machine-CPU p99"
         local port=$LB pids=$PIDS_A r p99 cpu mach
         [ "$1" = "$B" ] && port=$LB_B pids=$PIDS_B
         # shellcheck disable=SC2086 # one pid per word
-        read -r r _ p99 cpu mach < <(wrk_measured "http://127.0.0.1:$port$URL_PATH" "$HEADER" "$DURATION" $pids)
+        read -r r _ p99 cpu mach < <(wrk_measured "$URL_BASE$port$URL_PATH" "$HEADER" "$DURATION" $pids)
         echo "$r $cpu $mach $p99"
     }
 fi

@@ -99,12 +99,19 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers),
 # "haproxy-splice" (the same with splice both ways) or a tcplb binary
 # (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"').
+# With TLS_BACKEND=PORT (and TLS_DEAD=PORT, where nothing listens) it routes
+# TLS by SNI instead, without terminating it: "localhost" to TLS_BACKEND,
+# any other name to TLS_DEAD (nginx ssl_preread and a map, HAProxy
+# req.ssl_sni, a tcplb route), as compare.sh's TLS workload does.
 # Sets LB_PID (what
 # stop_lb stops) and LB_PIDS (every process to measure).
 start_lb() { # DIR WHO WORKERS PORT B1 B2
-    local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport=""
+    local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport="" tls=${TLS_BACKEND:-} dead=${TLS_DEAD:-}
     if [ "$who" = nginx ]; then
         [ "${NGINX_REUSEPORT:-0}" = 1 ] && reuseport=" reuseport"
+        local server="server { listen 127.0.0.1:$port backlog=4096$reuseport; proxy_pass http; }"
+        [ -n "$tls" ] && server="map \$ssl_preread_server_name \$tls_upstream { localhost 127.0.0.1:$tls; default 127.0.0.1:$dead; }
+    server { listen 127.0.0.1:$port backlog=4096$reuseport; ssl_preread on; proxy_pass \$tls_upstream; }"
         cat > "$dir/nginx-lb.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes $workers;
@@ -113,7 +120,7 @@ error_log $dir/nginx-lb.err;
 events { worker_connections 4096; }
 stream {
     upstream http { server 127.0.0.1:$b1; server 127.0.0.1:$b2; }
-    server { listen 127.0.0.1:$port backlog=4096$reuseport; proxy_pass http; }
+    $server
 }
 CONF
         nginx -c "$dir/nginx-lb.conf"
@@ -125,10 +132,13 @@ $(haproxy_head "$workers")
 frontend http
     bind 127.0.0.1:$port
 $([ "$who" = haproxy-splice ] && printf '    option splice-request\n    option splice-response\n')
+$([ -n "$tls" ] && printf '    tcp-request inspect-delay 5s\n    tcp-request content accept if { req.ssl_hello_type 1 }\n    use_backend tls if { req.ssl_sni -i localhost }\n')
     default_backend http
 backend http
-    server b1 127.0.0.1:$b1
-    server b2 127.0.0.1:$b2
+    server b1 127.0.0.1:${dead:-$b1}
+$([ -z "$tls" ] && printf '    server b2 127.0.0.1:%s\n' "$b2")
+backend tls
+    server t1 127.0.0.1:${tls:-$b1}
 CONF
         setsid haproxy -f "$dir/haproxy.cfg" -q & LB_PID=$!
         sleep 0.5
@@ -139,7 +149,11 @@ ${TCPLB_EXTRA:-}
 [[listener]]
 name = "http"
 listen = "127.0.0.1:$port"
-upstreams = ["127.0.0.1:$b1", "127.0.0.1:$b2"]
+$(if [ -n "$tls" ]; then
+    printf 'upstreams = ["127.0.0.1:%s"]\n[[listener.route]]\nname = "localhost"\nsni = ["localhost"]\nupstreams = ["127.0.0.1:%s"]\n' "$dead" "$tls"
+else
+    printf 'upstreams = ["127.0.0.1:%s", "127.0.0.1:%s"]\n' "$b1" "$b2"
+fi)
 CONF
         # A session of its own, as nginx (which daemonizes) has: see compare.sh.
         setsid "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
@@ -201,7 +215,7 @@ wrk_measured() { # URL HEADER DURATION [PID...]
 # proxy-CPU machine-CPU p99" (see wrk_measured); a run that failed requests
 # prints "0 nan nan nan".
 lb_run() { # WORK WHO WORKERS HEADER PATH DURATION
-    local url="http://127.0.0.1:$LB$5" r p99 cpu mach
+    local url="${URL_BASE:-http://127.0.0.1:}$LB$5" r p99 cpu mach
     start_lb "$1" "$2" "$3" $LB $B1 $B2
     wrk -t1 -c50 -d1 -H "$4" "$url" >/dev/null # warm-up
     read -r r _ p99 cpu mach < <(wrk_measured "$url" "$4" "$6" $LB_PIDS)
