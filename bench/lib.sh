@@ -98,7 +98,8 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
 # NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers),
 # "haproxy-splice" (the same with splice both ways) or a tcplb binary
-# (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"').
+# (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"';
+# TCPLB_AS_SHIPPED=1: its own defaults instead of tcplb_defaults' tuning).
 # With TLS_BACKEND=PORT (and TLS_DEAD=PORT, where nothing listens) it routes
 # TLS by SNI instead, without terminating it: "localhost" to TLS_BACKEND,
 # any other name to TLS_DEAD (nginx ssl_preread and a map, HAProxy
@@ -144,7 +145,7 @@ CONF
         sleep 0.5
     else
         cat > "$dir/lb.toml" <<CONF
-$(tcplb_defaults)
+$([ "${TCPLB_AS_SHIPPED:-0}" = 1 ] || tcplb_defaults)
 ${TCPLB_EXTRA:-}
 [[listener]]
 name = "http"
@@ -156,7 +157,12 @@ else
 fi)
 CONF
         # A session of its own, as nginx (which daemonizes) has: see compare.sh.
-        setsid "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
+        if [ "${TCPLB_AS_SHIPPED:-0}" = 1 ]; then
+            # Its defaults: protocol auto, the access log on (to a file).
+            setsid "$who" --config "$dir/lb.toml" --threads "$workers" 2>>"$dir/tcplb.log" & LB_PID=$!
+        else
+            setsid "$who" --config "$dir/lb.toml" --threads "$workers" --log-level warn & LB_PID=$!
+        fi
         sleep 0.5
     fi
     echo "$LB_PID" > "$dir/lb.pid" # for stop_lb from another (sub)shell, e.g. a trap
