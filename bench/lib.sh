@@ -145,7 +145,7 @@ CONF
         sleep 0.5
     else
         cat > "$dir/lb.toml" <<CONF
-$([ "${TCPLB_AS_SHIPPED:-0}" = 1 ] || tcplb_defaults)
+$(if [ "${TCPLB_AS_SHIPPED:-0}" != 1 ]; then tcplb_defaults; elif [ -n "${TCPLB_EXTRA:-}" ]; then echo "[defaults]"; fi)
 ${TCPLB_EXTRA:-}
 [[listener]]
 name = "http"
