@@ -209,17 +209,17 @@ pub async fn splice(
     }
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write half
-/// (unless the other direction has ended too: then close() sends the FIN).
-/// With splice(2) allowed, a bulk direction moves to a pipe (zero copy).
-/// What a direction of the pump tells about its destination.
+/// What a direction of the pump keeps about its destination.
 struct Dest<'a> {
     /// Bumped by the bytes written: the connection's, then the backend's.
     counters: [&'a AtomicU64; 2],
-    /// Set once bytes went out with MSG_MORE.
+    /// Set once bytes went out with MSG_MORE (a reset must push them first).
     corked: &'a AtomicBool,
 }
 
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write half
+/// (unless the other direction has ended too: then close() sends the FIN).
+/// With splice(2) allowed, a bulk direction moves to a pipe (zero copy).
 async fn pump(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,

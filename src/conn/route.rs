@@ -64,7 +64,8 @@ pub async fn choose(
             Seen::NeedMore => break Seen::Other,
             seen => break seen,
         }
-        // Exactly: a read takes all the spare capacity there is.
+        // Exactly: a read fills all the spare capacity there is, so this
+        // bounds it (and the bytes kept) near LIMIT.
         early.reserve_exact((LIMIT - early.len()).min(READ));
         let read = loop {
             tokio::select! {
