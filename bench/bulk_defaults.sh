@@ -7,6 +7,7 @@
 #
 #   bench/bulk_defaults.sh                  # upload (client sends, server silent), 10 rounds
 #   DIRECTION=download bench/bulk_defaults.sh
+#   STREAMS=8 bench/bulk_defaults.sh        # iperf3 -P 8, as compare.sh's 8-stream rows
 #   ROUNDS=16 SECONDS_EACH=5 BIN=/tmp/tcplb-old bench/bulk_defaults.sh
 #
 # Prints each round (Gbit/s and the proxy's CPU ms per GB moved), then the
@@ -17,6 +18,7 @@ BIN=${BIN:-$(dirname "$0")/../target/release/tcplb}
 ROUNDS=${ROUNDS:-10}
 SECONDS_EACH=${SECONDS_EACH:-3}
 DIRECTION=${DIRECTION:-upload}
+STREAMS=${STREAMS:-1}
 case $DIRECTION in
     upload) REVERSE="" ;;
     download) REVERSE="-R" ;;
@@ -52,14 +54,14 @@ sleep 1
 one() { # NAME PID PORT -> "NAME Gbit/s bytes cpu-ms"
     local c0 c1 out
     c0=$(cpu_ticks "$2")
-    out=$(iperf3 -c 127.0.0.1 -p "$3" -t "$SECONDS_EACH" $REVERSE -J | python3 -c '
+    out=$(iperf3 -c 127.0.0.1 -p "$3" -t "$SECONDS_EACH" -P "$STREAMS" $REVERSE -J | python3 -c '
 import json, sys
 d = json.load(sys.stdin)["end"]["sum_received"]
 print(d["bits_per_second"] / 1e9, d["bytes"])')
     c1=$(cpu_ticks "$2")
     echo "$1 $out $(( (c1 - c0) * 1000 / $(getconf CLK_TCK) ))"
 }
-echo "round, then defaults and tuned: Gbit/s, proxy CPU ms/GB ($DIRECTION, 1 stream, ${SECONDS_EACH}s)"
+echo "round, then defaults and tuned: Gbit/s, proxy CPU ms/GB ($DIRECTION, $STREAMS stream(s), ${SECONDS_EACH}s)"
 : > "$WORK/rounds"
 for i in $(seq 1 "$ROUNDS"); do
     if [ $((i % 2)) = 1 ]; then d=$(one defaults $PID_D $DEFAULTS); sleep 1; t=$(one tuned $PID_T $TUNED)
