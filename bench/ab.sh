@@ -64,24 +64,7 @@ if [ "$WORKLOAD" = tls ]; then
     TLS_BACKEND=18483; TLS_DEAD=18480
     require_free_ports $TLS_BACKEND $TLS_DEAD
     export TLS_BACKEND TLS_DEAD
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-        -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
-    cat > "$WORK/nginx-tls.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx-tls.pid;
-error_log $WORK/nginx-tls.err;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:$TLS_BACKEND ssl backlog=4096;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        location / { return 200 "hello, tls\n"; }
-    }
-}
-CONF
-    nginx -c "$WORK/nginx-tls.conf"
+    start_tls_backend "$WORK" $TLS_BACKEND
     trap '[ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
 fi
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"

@@ -84,24 +84,7 @@ PIDS+=("$(cat "$WORK/redis.pid")")
 # ::1 refuses). Every proxy routes that name here by SNI, without
 # terminating TLS, and any other name to DEAD: a request that was not
 # routed fails, and wrk_parse counts the run as 0.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-    -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
-cat > "$WORK/nginx-tls.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx-tls.pid;
-error_log $WORK/nginx-tls.err;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:$BTLS ssl backlog=4096;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        location / { return 200 "hello, tls\n"; }
-    }
-}
-CONF
-nginx -c "$WORK/nginx-tls.conf"
+start_tls_backend "$WORK" $BTLS
 
 # A sink that accepts and holds connections, for the memory test.
 cat > "$WORK/sink.py" <<'PY'

@@ -50,6 +50,30 @@ CONF
     nginx -c "$1/nginx-be.conf"
 }
 
+# Starts one nginx that terminates TLS on PORT with an ECDSA certificate
+# for "localhost" (the name wrk sends as SNI for https://localhost:PORT/),
+# made for the run; its pid goes to DIR/nginx-tls.pid.
+start_tls_backend() { # DIR PORT
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj /CN=localhost -keyout "$1/tls.key" -out "$1/tls.pem" 2>/dev/null
+    cat > "$1/nginx-tls.conf" <<CONF
+worker_processes 1;
+pid $1/nginx-tls.pid;
+error_log $1/nginx-tls.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    server {
+        listen 127.0.0.1:$2 ssl backlog=4096;
+        ssl_certificate $1/tls.pem;
+        ssl_certificate_key $1/tls.key;
+        location / { return 200 "hello, tls\n"; }
+    }
+}
+CONF
+    nginx -c "$1/nginx-tls.conf"
+}
+
 # The [defaults] every benchmarked tcplb runs with: plain TCP (no HTTP
 # first-exchange watch) and no access log, as the peers are configured.
 tcplb_defaults() {
