@@ -5,6 +5,7 @@
 //! is tls-parser's; tcplb never holds a key.
 
 use tls_parser::{
+    parse_tls_extension_alpn_content, parse_tls_extension_sni_content, parse_tls_extension_unknown,
     parse_tls_message_handshake, parse_tls_plaintext, parse_tls_record_header, TlsExtension,
     TlsMessage, TlsMessageHandshake, TlsRecordType,
 };
@@ -40,7 +41,8 @@ pub fn client_hello(buf: &[u8]) -> Hello {
         Some(&b) if b != u8::from(TlsRecordType::Handshake) => return Hello::NotTls,
         _ => {}
     }
-    // The handshake message, put back together from the records' bodies.
+    // The handshake message, put back together from the records' bodies
+    // when it spans more than one.
     let mut message = Vec::new();
     let mut rest = buf;
     loop {
@@ -55,30 +57,47 @@ pub fn client_hello(buf: &[u8]) -> Hello {
         }
         let len = usize::from(header.len);
         let end = (RECORD_HEADER + len).min(rest.len());
-        message.extend_from_slice(&rest[RECORD_HEADER.min(rest.len())..end]);
-        if message.first().is_some_and(|&t| t != 1) {
+        let body = &rest[RECORD_HEADER.min(rest.len())..end];
+        // The usual hello comes whole in its first record: read in place.
+        let so_far: &[u8] = if message.is_empty() {
+            body
+        } else {
+            message.extend_from_slice(body);
+            &message
+        };
+        if so_far.first().is_some_and(|&t| t != 1) {
             return Hello::NotTls; // a handshake that does not start with ClientHello
         }
-        if message.len() >= 4 {
+        if so_far.len() >= 4 {
             let want = 4
-                + (usize::from(message[1]) << 16
-                    | usize::from(message[2]) << 8
-                    | usize::from(message[3]));
+                + (usize::from(so_far[1]) << 16
+                    | usize::from(so_far[2]) << 8
+                    | usize::from(so_far[3]));
             if want > MAX_HELLO {
                 return Hello::NotTls;
             }
-            if message.len() >= want {
-                return parse_hello(&message[..want]);
+            if so_far.len() >= want {
+                return parse_hello(&so_far[..want]);
             }
         }
         if rest.len() < RECORD_HEADER + len {
             return Hello::Incomplete;
+        }
+        if message.is_empty() {
+            message.extend_from_slice(body);
         }
         rest = &rest[RECORD_HEADER + len..];
     }
 }
 
 /// The server name and ALPN of a whole ClientHello message.
+///
+/// Only those two extensions are decoded; the others are stepped over by
+/// their length, as nginx's ssl_preread and HAProxy's req.ssl_sni do. A
+/// browser's hello carries a dozen more (key shares, signature algorithms,
+/// groups ...) that tls-parser would each decode into vectors, a dozen
+/// allocations a connection for nothing routing uses, and one whose body
+/// it could not decode would hide every extension after it.
 fn parse_hello(message: &[u8]) -> Hello {
     let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
         parse_tls_message_handshake(message)
@@ -86,46 +105,42 @@ fn parse_hello(message: &[u8]) -> Hello {
         return Hello::NotTls;
     };
     let (mut sni, mut alpn) = (None, Vec::new());
-    let extensions = hello.ext.map(tls_parser::parse_tls_client_hello_extensions);
-    if let Some(Ok((_, extensions))) = extensions {
-        for ext in extensions {
-            match ext {
-                TlsExtension::SNI(names) => {
-                    sni = names
-                        .iter()
-                        .find(|(kind, _)| *kind == tls_parser::SNIType::HostName)
-                        .and_then(|(_, name)| std::str::from_utf8(name).ok())
-                        .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
-                }
-                TlsExtension::ALPN(protocols) => {
-                    alpn =
-                        protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
-                }
-                _ => {}
+    let mut rest = hello.ext.unwrap_or_default();
+    // Each extension as (type, body), borrowed: `Unknown` is tls-parser's
+    // undecoded form.
+    while let Ok((next, TlsExtension::Unknown(kind, body))) = parse_tls_extension_unknown(rest) {
+        rest = next;
+        let decoded = match kind.0 {
+            SERVER_NAME => parse_tls_extension_sni_content(body),
+            ALPN => parse_tls_extension_alpn_content(body),
+            _ => continue,
+        };
+        match decoded {
+            Ok((_, TlsExtension::SNI(names))) => {
+                sni = names
+                    .iter()
+                    .find(|(kind, _)| *kind == tls_parser::SNIType::HostName)
+                    .and_then(|(_, name)| std::str::from_utf8(name).ok())
+                    .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
             }
+            Ok((_, TlsExtension::ALPN(protocols))) => {
+                alpn = protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            }
+            _ => {}
         }
     }
     Hello::Complete { sni, alpn }
 }
 
+/// The server_name extension's type (RFC 6066).
+const SERVER_NAME: u16 = 0;
+/// The application_layer_protocol_negotiation extension's type (RFC 7301).
+const ALPN: u16 = 16;
+
 /// A ClientHello that a TLS 1.2 or 1.3 server answers with a ServerHello
 /// (or, for 1.3, a HelloRetryRequest: no key share is offered, so nothing
 /// is computed on either side), naming `server_name` when given.
 pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
-    fn put16(out: &mut Vec<u8>, v: usize) {
-        out.extend_from_slice(&(v as u16).to_be_bytes());
-    }
-    fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
-        out.extend_from_slice(&kind.to_be_bytes());
-        put16(out, body.len());
-        out.extend_from_slice(body);
-    }
-    fn list16(items: &[u16]) -> Vec<u8> {
-        let mut v = Vec::new();
-        put16(&mut v, items.len() * 2);
-        items.iter().for_each(|i| v.extend_from_slice(&i.to_be_bytes()));
-        v
-    }
     let mut ext = Vec::new();
     if let Some(name) = server_name {
         let mut body = Vec::new();
@@ -137,8 +152,9 @@ pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
     }
     // x25519, secp256r1, secp384r1
     extension(&mut ext, 10, &list16(&[0x001d, 0x0017, 0x0018]));
-    extension(&mut ext, 11, &[1, 0]); // ec_point_formats: uncompressed
-                                      // ecdsa and rsa-pss/pkcs1 with SHA-256/384/512, ed25519
+    // ec_point_formats: uncompressed
+    extension(&mut ext, 11, &[1, 0]);
+    // ecdsa and rsa-pss/pkcs1 with SHA-256/384/512, ed25519
     extension(
         &mut ext,
         13,
@@ -146,6 +162,31 @@ pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
     );
     extension(&mut ext, 43, &[4, 0x03, 0x04, 0x03, 0x03]); // supported_versions: 1.3, 1.2
     extension(&mut ext, 51, &[0, 0]); // key_share: none offered
+    hello_record(&ext)
+}
+
+/// Appends a 16-bit length.
+fn put16(out: &mut Vec<u8>, v: usize) {
+    out.extend_from_slice(&(v as u16).to_be_bytes());
+}
+
+/// Appends an extension: type, length, body.
+fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    put16(out, body.len());
+    out.extend_from_slice(body);
+}
+
+/// A list of 16-bit values with its 16-bit length in bytes.
+fn list16(items: &[u16]) -> Vec<u8> {
+    let mut v = Vec::new();
+    put16(&mut v, items.len() * 2);
+    items.iter().for_each(|i| v.extend_from_slice(&i.to_be_bytes()));
+    v
+}
+
+/// A ClientHello record around the extension block `ext`.
+fn hello_record(ext: &[u8]) -> Vec<u8> {
     let ciphers = list16(&[
         0x1301, 0x1302, 0x1303, // TLS 1.3
         0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8, 0x009c, 0x009d, // TLS 1.2
@@ -156,7 +197,7 @@ pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
     hello.extend_from_slice(&ciphers);
     hello.extend_from_slice(&[1, 0]); // compression: null
     put16(&mut hello, ext.len());
-    hello.extend_from_slice(&ext);
+    hello.extend_from_slice(ext);
 
     let mut out = vec![u8::from(TlsRecordType::Handshake), 0x03, 0x01];
     put16(&mut out, hello.len() + 4);
@@ -253,6 +294,34 @@ mod tests {
             Hello::Complete { sni: Some("api.example.com".into()), alpn: vec![] }
         );
         assert_eq!(client_hello(&probe_hello(None)), Hello::Complete { sni: None, alpn: vec![] });
+    }
+
+    #[test]
+    fn an_extension_that_cannot_be_decoded_hides_neither_name_nor_alpn() {
+        let mut ext = Vec::new();
+        // ec_point_formats whose list claims five bytes and has one: a
+        // server rejects it, but a router steps over it by its length, as
+        // nginx's ssl_preread and HAProxy's req.ssl_sni do.
+        extension(&mut ext, 11, &[5, 0]);
+        let name = b"api.example.com";
+        let mut sni = Vec::new();
+        put16(&mut sni, name.len() + 3);
+        sni.push(0);
+        put16(&mut sni, name.len());
+        sni.extend_from_slice(name);
+        extension(&mut ext, 0, &sni);
+        extension(
+            &mut ext,
+            16,
+            &[0, 12, 2, b'h', b'2', 8, b'h', b't', b't', b'p', b'/', b'1', b'.', b'1'],
+        );
+        assert_eq!(
+            client_hello(&hello_record(&ext)),
+            Hello::Complete {
+                sni: Some("api.example.com".into()),
+                alpn: vec!["h2".into(), "http/1.1".into()],
+            }
+        );
     }
 
     #[test]
