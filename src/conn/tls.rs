@@ -389,6 +389,73 @@ mod tests {
         }
     }
 
+    /// A server_name extension naming `name`.
+    fn sni_extension(out: &mut Vec<u8>, name: &[u8]) {
+        let mut body = Vec::new();
+        put16(&mut body, name.len() + 3);
+        body.push(0);
+        put16(&mut body, name.len());
+        body.extend_from_slice(name);
+        extension(out, 0, &body);
+    }
+
+    /// An ALPN extension offering `protocols`.
+    fn alpn_extension(out: &mut Vec<u8>, protocols: &[String]) {
+        let mut list = Vec::new();
+        for p in protocols {
+            list.push(p.len() as u8);
+            list.extend_from_slice(p.as_bytes());
+        }
+        let mut body = Vec::new();
+        put16(&mut body, list.len());
+        body.extend_from_slice(&list);
+        extension(out, 16, &body);
+    }
+
+    proptest! {
+        /// Whatever other extensions a hello carries, whatever their
+        /// bodies (well-formed or not for their type), and wherever the
+        /// two that route sit among them, the name and the protocols are
+        /// read, also from a hello split over records.
+        #[test]
+        fn the_name_and_alpn_are_found_among_any_other_extensions(
+            others in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        // Types tls-parser decodes, given bodies that may not fit them.
+                        Just(5u16), Just(10), Just(11), Just(13), Just(35), Just(43), Just(45), Just(51),
+                        17u16..=65535,
+                    ],
+                    proptest::collection::vec(any::<u8>(), 0..40),
+                ),
+                0..12,
+            ),
+            sni_at in 0usize..13,
+            alpn_at in 0usize..13,
+            name in "[a-z]{1,20}(\\.[a-z]{1,10}){0,3}",
+            protocols in proptest::collection::vec("[a-z0-9/.]{1,12}", 1..4),
+            size in 1usize..400,
+        ) {
+            let (sni_at, alpn_at) = (sni_at.min(others.len()), alpn_at.min(others.len()));
+            let mut ext = Vec::new();
+            for i in 0..=others.len() {
+                if i == sni_at {
+                    sni_extension(&mut ext, name.as_bytes());
+                }
+                if i == alpn_at {
+                    alpn_extension(&mut ext, &protocols);
+                }
+                if let Some((kind, body)) = others.get(i) {
+                    extension(&mut ext, *kind, body);
+                }
+            }
+            let expected = Hello::Complete { sni: Some(name.clone()), alpn: protocols.clone() };
+            let hello = hello_record(&ext);
+            prop_assert_eq!(client_hello(&hello), expected.clone());
+            prop_assert_eq!(client_hello(&in_records(&hello, size)), expected);
+        }
+    }
+
     #[test]
     fn answers_are_told_apart() {
         // A record header alone is not an answer yet.
