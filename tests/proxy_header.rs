@@ -171,3 +171,28 @@ async fn a_proxy_header_cannot_walk_past_allow_and_deny() {
     assert!(eventually(T, || log.lock().unwrap().len() == 3).await, "allowed clients served");
     assert!(log.lock().unwrap().iter().all(|got| got == b"ok"));
 }
+
+/// On a listener with routes, the bytes read to choose the route go to the
+/// backend after its PROXY header, never with the connect before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_clients_first_bytes_follow_the_proxy_header() {
+    use tcplb::config::route::RouteConfig;
+    use tcplb::config::Upstream;
+    for version in [ProxyVersion::V1, ProxyVersion::V2] {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let backend = recorder(Arc::clone(&log)).await;
+        let mut l = listener(&[]);
+        l.send_proxy = Some(version);
+        let ups = vec![Upstream::new(backend.ip().to_string(), backend.port())];
+        let mut route = RouteConfig::new("www", Vec::new(), ups, &l);
+        route.http_host = vec!["www.example.com".into()];
+        l.routes = vec![route];
+        let lb = start_one(l).await;
+        let request = b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+        let me = send(lb.addr, request).await;
+        assert!(eventually(T, || !log.lock().unwrap().is_empty()).await, "{version:?}");
+        let got = log.lock().unwrap()[0].clone();
+        let header = tcplb::proxy_protocol::encode(version, me, lb.addr);
+        assert_eq!(got, [header, request.to_vec()].concat(), "{version:?}");
+    }
+}

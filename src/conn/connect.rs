@@ -76,6 +76,9 @@ pub(crate) struct BackendConn {
     pub backend: Arc<Backend>,
     /// The socket.
     pub stream: TcpStream,
+    /// How many of the bytes [`connect`] was given to send first went
+    /// with the connect.
+    pub sent_first: usize,
     /// Holds the backend's connection slot until the connection ends.
     _slot: ActiveGuard,
 }
@@ -95,12 +98,16 @@ static LOCAL_EXHAUSTION: Throttle = Throttle::new();
 static CONNECT_FAILED: Throttle = Throttle::new();
 
 /// Tries the next candidates until one accepts (and takes its PROXY header),
-/// each within the connect timeout, which `watch` keeps.
+/// each within the connect timeout, which `watch` keeps. `first` are bytes
+/// the client sent already (what choosing a route read): to a backend
+/// without a PROXY header they go as soon as its connect returns
+/// ([`BackendConn::sent_first`] says how many), the rest is the caller's.
 pub(crate) async fn connect(
     svc: &Service,
     snap: &Snapshot,
     candidates: &mut Candidates<'_>,
     ends: Endpoints,
+    first: &[u8],
     mut watch: Pin<&mut Watch<'_>>,
 ) -> Result<BackendConn, NotConnected> {
     let mut status = Status::ServiceUnavailable;
@@ -109,22 +116,26 @@ pub(crate) async fn connect(
         // A backend that filled up since it was picked is skipped like a down one.
         let Some(slot) = backend.try_claim() else { continue };
         let keepalive = snap.backend_keepalive;
-        let result = match connect_one(backend.addr, timeout, keepalive, watch.as_mut()).await {
-            Ok(stream) => match backend.send_proxy() {
-                Some(v) => {
-                    let header = proxy_protocol::encode(v, ends.client, ends.destination);
-                    let written = tokio::select! {
-                        w = write_all(&stream, &header) => w.map_err(ConnectError::Io),
-                        alarm = watch.as_mut() => Err(alarm.into()),
-                    };
-                    written.map(|()| stream)
-                }
-                None => Ok(stream),
-            },
-            Err(e) => Err(e),
-        };
+        // The PROXY header goes before anything of the client's.
+        let proxy = backend.send_proxy();
+        let first = if proxy.is_some() { &[][..] } else { first };
+        let result =
+            match connect_one(backend.addr, timeout, keepalive, first, watch.as_mut()).await {
+                Ok((stream, sent)) => match proxy {
+                    Some(v) => {
+                        let header = proxy_protocol::encode(v, ends.client, ends.destination);
+                        let written = tokio::select! {
+                            w = write_all(&stream, &header) => w.map_err(ConnectError::Io),
+                            alarm = watch.as_mut() => Err(alarm.into()),
+                        };
+                        written.map(|()| (stream, sent))
+                    }
+                    None => Ok((stream, sent)),
+                },
+                Err(e) => Err(e),
+            };
         match result {
-            Ok(stream) => {
+            Ok((stream, sent_first)) => {
                 backend.record_connected();
                 // Resets a failure streak (only probes bring a down backend
                 // up). Outside `tcp` mode the first answer does, not the
@@ -132,7 +143,8 @@ pub(crate) async fn connect(
                 if snap.passive_health() && snap.config.protocol == Protocol::Tcp {
                     backend.health.observe_success_streak_reset();
                 }
-                return Ok(BackendConn { backend: Arc::clone(backend), stream, _slot: slot });
+                let backend = Arc::clone(backend);
+                return Ok(BackendConn { backend, stream, sent_first, _slot: slot });
             }
             Err(ConnectError::Local(e)) => {
                 // Every other backend would fail the same way; the backend is not to blame.
@@ -172,13 +184,24 @@ impl From<Alarm> for ConnectError {
 
 /// Connects to `addr` within `timeout` (kept by `watch`, which also ends it
 /// at the drain deadline), with SO_KEEPALIVE when `keepalive` (client
-/// sockets inherit theirs from the listener).
+/// sockets inherit theirs from the listener), and sends what it can of
+/// `first` at once; returns how much of it went.
+///
+/// On loopback the handshake is over by the time connect() returns (the
+/// SYN and SYN-ACK are handled inside the call), so `first` is sent right
+/// away: that spares a trip through the reactor to learn that the socket
+/// is writable, and the backend finds the bytes with the connection it
+/// accepts (a sidecar's backend, or one on the same host). A send while
+/// the handshake still runs would fail with EAGAIN, as it always would to
+/// a backend elsewhere, which is not tried; a connect that failed (refused,
+/// say) returns its error.
 async fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: bool,
+    first: &[u8],
     mut watch: Pin<&mut Watch<'_>>,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<(TcpStream, usize), ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -202,12 +225,32 @@ async fn connect_one(
         }
         _ => {}
     }
+    let sent = if first.is_empty() || !addr.ip().is_loopback() {
+        None
+    } else {
+        send_first(&socket, first)?
+    };
     let stream = TcpStream::from_std(socket.into()).map_err(ConnectError::Io)?;
     watch.as_mut().set(Some(Instant::now() + timeout));
+    if let Some(sent) = sent {
+        return Ok((stream, sent));
+    }
     tokio::select! {
         biased;
-        r = established(&stream) => r.map(|()| stream).map_err(ConnectError::Io),
+        r = established(&stream) => r.map(|()| (stream, 0)).map_err(ConnectError::Io),
         alarm = watch.as_mut() => Err(alarm.into()),
+    }
+}
+
+/// Sends `first` on a socket whose connect was just started: Some(bytes
+/// sent) when the handshake is over, None while it runs, or the error it
+/// ended with.
+fn send_first(socket: &Socket, first: &[u8]) -> Result<Option<usize>, ConnectError> {
+    use rustix::net::{send, SendFlags};
+    match send(socket, first, SendFlags::NOSIGNAL) {
+        Ok(n) => Ok(Some(n)),
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(ConnectError::Io(e.into())),
     }
 }
 
@@ -237,8 +280,10 @@ mod connect_tests {
         for ip in ["127.0.0.1", "[::1]"] {
             let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
             let open = listener.local_addr().unwrap();
-            let mut stream =
-                connect_one(open, Duration::from_secs(3), false, watch.as_mut()).await.unwrap();
+            let (mut stream, _) =
+                connect_one(open, Duration::from_secs(3), false, &[], watch.as_mut())
+                    .await
+                    .unwrap();
             assert!(!socket2::SockRef::from(&stream).keepalive().unwrap(), "{ip}: keepalive set");
             let (mut server, _) = listener.accept().await.unwrap();
             tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping").await.unwrap();
@@ -247,7 +292,7 @@ mod connect_tests {
             assert_eq!(&got, b"ping", "{ip}: the established stream carries bytes");
 
             drop((listener, server));
-            match connect_one(open, Duration::from_secs(3), false, watch.as_mut()).await {
+            match connect_one(open, Duration::from_secs(3), false, &[], watch.as_mut()).await {
                 Err(ConnectError::Io(e)) => {
                     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{ip}: {e}")
                 }
@@ -260,12 +305,52 @@ mod connect_tests {
     }
 
     #[tokio::test]
+    async fn first_bytes_go_with_a_connect_that_is_over_when_it_returns() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
+        for ip in ["127.0.0.1", "[::1]"] {
+            let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
+            let open = listener.local_addr().unwrap();
+            // On loopback the handshake is over inside connect(): the first
+            // poll ends with the bytes sent, without a trip through the reactor.
+            let timeout = Duration::from_secs(3);
+            let (stream, sent) = {
+                let mut connecting =
+                    std::pin::pin!(connect_one(open, timeout, false, b"hello", watch.as_mut()));
+                match connecting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(Ok(connected)) => connected,
+                    _ => panic!("{ip}: the connect waited for the reactor before sending"),
+                }
+            };
+            assert_eq!(sent, 5, "{ip}");
+            let (mut server, _) = listener.accept().await.unwrap();
+            write_all(&stream, b", world").await.unwrap();
+            let mut got = [0u8; 12];
+            tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
+            assert_eq!(&got, b"hello, world", "{ip}: the first bytes, then the rest, in order");
+
+            // A refused connect with bytes to send reports the refusal.
+            drop((listener, server, stream));
+            match connect_one(open, timeout, false, b"hello", watch.as_mut()).await {
+                Err(ConnectError::Io(e)) => {
+                    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{ip}: {e}")
+                }
+                Err(e) => panic!("{ip}: a refused connect ended as {e:?}"),
+                Ok(_) => panic!("{ip}: connected to a closed port"),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn backend_sockets_get_keepalive_when_asked() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = listener.local_addr().unwrap();
         let token = tokio_util::sync::CancellationToken::new();
         let watch = std::pin::pin!(Watch::new(&token));
-        let stream = connect_one(open, Duration::from_secs(3), true, watch).await.unwrap();
+        let (stream, _) =
+            connect_one(open, Duration::from_secs(3), true, &[], watch).await.unwrap();
         assert!(socket2::SockRef::from(&stream).keepalive().unwrap());
     }
 }

@@ -304,12 +304,13 @@ impl<'a> Connection<'a> {
         Connection { svc, snap, ..self }
     }
 
-    /// Sends the bytes read to choose a route to the backend it chose (and
-    /// the client's FIN, if it came).
+    /// Sends the bytes read to choose a route to the backend it chose, those
+    /// that did not go with the connect (and the client's FIN, if it came).
     async fn send_early(&mut self, up: &BackendConn) -> Result<(), Ending> {
         let Some(routed) = &self.routed else { return Ok(()) };
         if !routed.early.is_empty() {
-            if let Err(e) = write_all(&up.stream, &routed.early).await {
+            let rest = routed.early.get(up.sent_first..).unwrap_or_default();
+            if let Err(e) = write_all(&up.stream, rest).await {
                 reset_on_close(&self.client, true);
                 return Err(Ending::with_error("backend error", Some(e)));
             }
@@ -330,7 +331,8 @@ impl<'a> Connection<'a> {
         candidates: &mut Candidates<'_>,
         watch: Pin<&mut Watch<'_>>,
     ) -> Result<BackendConn, Ending> {
-        match connect(self.svc, self.snap, candidates, self.ends, watch).await {
+        let first = self.routed.as_ref().map_or(&[][..], |r| &r.early[..]);
+        match connect(self.svc, self.snap, candidates, self.ends, first, watch).await {
             Ok(up) => {
                 self.svc.stats.connect_duration.observe(self.started.elapsed());
                 self.backend = Some(up.backend.addr);
@@ -472,7 +474,7 @@ impl<'a> Connection<'a> {
             self.respond(Status::BadGateway).await;
             return Err(Ending::with_error("502 after early close", error));
         }
-        let next = match connect(svc, snap, candidates, self.ends, watch).await {
+        let next = match connect(svc, snap, candidates, self.ends, &[], watch).await {
             Ok(next) => next,
             Err(NotConnected::Failed(status)) => {
                 self.respond(status).await;
