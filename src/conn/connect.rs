@@ -344,6 +344,38 @@ mod connect_tests {
     }
 
     #[tokio::test]
+    async fn first_bytes_wait_for_a_connect_still_under_way() {
+        // A listener whose accept queue is full drops SYNs: the connect is
+        // still under way when connect() returns, so nothing goes with it,
+        // and the connect is waited for until the SYN's retransmission.
+        let server = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        server.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        server.listen(0).unwrap();
+        let open = server.local_addr().unwrap().as_socket().unwrap();
+        let server = std::net::TcpListener::from(server);
+        let filler = std::net::TcpStream::connect(open).unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
+        let freeing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(server.accept().unwrap());
+            server
+        });
+        let (stream, sent) =
+            connect_one(open, Duration::from_secs(10), false, b"hello", watch.as_mut())
+                .await
+                .unwrap();
+        assert_eq!(sent, 0, "bytes went on a connect still under way");
+        write_all(&stream, b"hello").await.unwrap();
+        let server = freeing.join().unwrap();
+        let (mut accepted, _) = server.accept().unwrap();
+        let mut got = [0u8; 5];
+        std::io::Read::read_exact(&mut accepted, &mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        drop(filler);
+    }
+
+    #[tokio::test]
     async fn backend_sockets_get_keepalive_when_asked() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = listener.local_addr().unwrap();
