@@ -155,6 +155,41 @@ async fn get_is_replayed_after_an_early_close_and_post_is_not() {
     assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
 }
 
+/// The replayed request reaches the next backend once, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_arrives_once_and_whole() {
+    let slams = Arc::new(AtomicUsize::new(0));
+    let first = slammer(Arc::clone(&slams)).await;
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&received);
+    let (second, _) = serve(move |mut s| {
+        let log = Arc::clone(&log);
+        async move {
+            // Everything the proxy sends within 300 ms: a request sent
+            // twice, or cut short, would show.
+            let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+            let until = tokio::time::Instant::now() + Duration::from_millis(300);
+            while let Ok(Ok(n)) = tokio::time::timeout_at(until, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            log.lock().unwrap().push(all);
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\ntwo";
+            let _ = s.write_all(answer).await;
+        }
+    })
+    .await;
+    let lb = start_one(listener(&[first, second])).await;
+    // Round-robin starts at the slammer.
+    let request = b"GET /page HTTP/1.1\r\nHost: a\r\n\r\n";
+    let got = exchange(lb.addr, request).await.unwrap();
+    assert!(got.ends_with(b"two"), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(slams.load(Ordering::Relaxed), 1);
+    assert_eq!(received.lock().unwrap().as_slice(), [request.to_vec()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_replayed_once_the_backend_answered() {
     // Answers one byte, then resets: the client must see exactly that.

@@ -99,7 +99,8 @@ static CONNECT_FAILED: Throttle = Throttle::new();
 
 /// Tries the next candidates until one accepts (and takes its PROXY header),
 /// each within the connect timeout, which `watch` keeps. `first` are bytes
-/// the client sent already (what choosing a route read): to a backend
+/// the client sent already (what choosing a route read, or a request to
+/// replay): to a backend
 /// without a PROXY header they go as soon as its connect returns
 /// ([`BackendConn::sent_first`] says how many), the rest is the caller's.
 pub(crate) async fn connect(

@@ -474,7 +474,7 @@ impl<'a> Connection<'a> {
             self.respond(Status::BadGateway).await;
             return Err(Ending::with_error("502 after early close", error));
         }
-        let next = match connect(svc, snap, candidates, self.ends, &[], watch).await {
+        let next = match connect(svc, snap, candidates, self.ends, held.bytes(), watch).await {
             Ok(next) => next,
             Err(NotConnected::Failed(status)) => {
                 self.respond(status).await;
@@ -483,7 +483,8 @@ impl<'a> Connection<'a> {
             Err(NotConnected::Drained) => return Err(Ending::new("shutdown")),
         };
         debug!(listener = %svc.name, client = %self.ends.client, backend = %next.backend.addr, bytes = held.bytes().len(), "replaying request");
-        if write_all(&next.stream, held.bytes()).await.is_err() {
+        let rest = held.bytes().get(next.sent_first..).unwrap_or_default();
+        if write_all(&next.stream, rest).await.is_err() {
             return Ok(AfterClose::Retry);
         }
         if held.client_done {
