@@ -100,9 +100,9 @@ static CONNECT_FAILED: Throttle = Throttle::new();
 /// Tries the next candidates until one accepts (and takes its PROXY header),
 /// each within the connect timeout, which `watch` keeps. `first` are bytes
 /// the client sent already (what choosing a route read, or a request to
-/// replay): to a backend
-/// without a PROXY header they go as soon as its connect returns
-/// ([`BackendConn::sent_first`] says how many), the rest is the caller's.
+/// replay): they go as soon as the connect returns, or the PROXY header
+/// does instead when the backend wants one ([`BackendConn::sent_first`]
+/// says how many of `first` went), and the rest is the caller's.
 pub(crate) async fn connect(
     svc: &Service,
     snap: &Snapshot,
@@ -118,18 +118,19 @@ pub(crate) async fn connect(
         let Some(slot) = backend.try_claim() else { continue };
         let keepalive = snap.backend_keepalive;
         // The PROXY header goes before anything of the client's.
-        let proxy = backend.send_proxy();
-        let first = if proxy.is_some() { &[][..] } else { first };
+        let header =
+            backend.send_proxy().map(|v| proxy_protocol::encode(v, ends.client, ends.destination));
+        let first = header.as_deref().unwrap_or(first);
         let result =
             match connect_one(backend.addr, timeout, keepalive, first, watch.as_mut()).await {
-                Ok((stream, sent)) => match proxy {
-                    Some(v) => {
-                        let header = proxy_protocol::encode(v, ends.client, ends.destination);
+                Ok((stream, sent)) => match &header {
+                    Some(header) => {
+                        let rest = header.get(sent..).unwrap_or_default();
                         let written = tokio::select! {
-                            w = write_all(&stream, &header) => w.map_err(ConnectError::Io),
+                            w = write_all(&stream, rest) => w.map_err(ConnectError::Io),
                             alarm = watch.as_mut() => Err(alarm.into()),
                         };
-                        written.map(|()| (stream, sent))
+                        written.map(|()| (stream, 0))
                     }
                     None => Ok((stream, sent)),
                 },
