@@ -28,17 +28,23 @@ PY
 # larger ones under /body/ (BODY_SIZES, in KiB: /body/64k is 65 536 bytes);
 # its pid goes to DIR/nginx-be.pid.
 BODY_SIZES="1 16 64 256 1024"
+# The first lines of a one-worker nginx configuration whose pid and error
+# log are DIR/NAME.pid and DIR/NAME.err.
+nginx_head() { # DIR NAME
+    cat <<CONF
+worker_processes 1;
+pid $1/$2.pid;
+error_log $1/$2.err;
+events { worker_connections 4096; }
+CONF
+}
 start_http_backends() { # DIR PORT1 PORT2
     mkdir -p "$1/www"
     chmod 755 "$1" "$1/www" # nginx's workers run as another user
     for kib in $BODY_SIZES; do
         head -c $((kib * 1024)) /dev/zero | tr '\0' x > "$1/www/${kib}k"
     done
-    cat > "$1/nginx-be.conf" <<CONF
-worker_processes 1;
-pid $1/nginx-be.pid;
-error_log $1/nginx-be.err;
-events { worker_connections 4096; }
+    { nginx_head "$1" nginx-be; cat <<CONF; } > "$1/nginx-be.conf"
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -56,11 +62,7 @@ CONF
 start_tls_backend() { # DIR PORT
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
         -subj /CN=localhost -keyout "$1/tls.key" -out "$1/tls.pem" 2>/dev/null
-    cat > "$1/nginx-tls.conf" <<CONF
-worker_processes 1;
-pid $1/nginx-tls.pid;
-error_log $1/nginx-tls.err;
-events { worker_connections 4096; }
+    { nginx_head "$1" nginx-tls; cat <<CONF; } > "$1/nginx-tls.conf"
 http {
     access_log off;
     server {

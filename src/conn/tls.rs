@@ -143,12 +143,7 @@ const ALPN: u16 = 16;
 pub fn probe_hello(server_name: Option<&str>) -> Vec<u8> {
     let mut ext = Vec::new();
     if let Some(name) = server_name {
-        let mut body = Vec::new();
-        put16(&mut body, name.len() + 3);
-        body.push(0); // host_name
-        put16(&mut body, name.len());
-        body.extend_from_slice(name.as_bytes());
-        extension(&mut ext, 0, &body);
+        sni_extension(&mut ext, name.as_bytes());
     }
     // x25519, secp256r1, secp384r1
     extension(&mut ext, 10, &list16(&[0x001d, 0x0017, 0x0018]));
@@ -175,6 +170,16 @@ fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
     out.extend_from_slice(&kind.to_be_bytes());
     put16(out, body.len());
     out.extend_from_slice(body);
+}
+
+/// Appends a server_name extension naming the host `name`.
+fn sni_extension(out: &mut Vec<u8>, name: &[u8]) {
+    let mut body = Vec::new();
+    put16(&mut body, name.len() + 3);
+    body.push(0); // host_name
+    put16(&mut body, name.len());
+    body.extend_from_slice(name);
+    extension(out, SERVER_NAME, &body);
 }
 
 /// A list of 16-bit values with its 16-bit length in bytes.
@@ -303,18 +308,8 @@ mod tests {
         // server rejects it, but a router steps over it by its length, as
         // nginx's ssl_preread and HAProxy's req.ssl_sni do.
         extension(&mut ext, 11, &[5, 0]);
-        let name = b"api.example.com";
-        let mut sni = Vec::new();
-        put16(&mut sni, name.len() + 3);
-        sni.push(0);
-        put16(&mut sni, name.len());
-        sni.extend_from_slice(name);
-        extension(&mut ext, 0, &sni);
-        extension(
-            &mut ext,
-            16,
-            &[0, 12, 2, b'h', b'2', 8, b'h', b't', b't', b'p', b'/', b'1', b'.', b'1'],
-        );
+        sni_extension(&mut ext, b"api.example.com");
+        alpn_extension(&mut ext, &["h2".into(), "http/1.1".into()]);
         assert_eq!(
             client_hello(&hello_record(&ext)),
             Hello::Complete {
@@ -389,16 +384,6 @@ mod tests {
         }
     }
 
-    /// A server_name extension naming `name`.
-    fn sni_extension(out: &mut Vec<u8>, name: &[u8]) {
-        let mut body = Vec::new();
-        put16(&mut body, name.len() + 3);
-        body.push(0);
-        put16(&mut body, name.len());
-        body.extend_from_slice(name);
-        extension(out, 0, &body);
-    }
-
     /// An ALPN extension offering `protocols`.
     fn alpn_extension(out: &mut Vec<u8>, protocols: &[String]) {
         let mut list = Vec::new();
@@ -409,7 +394,7 @@ mod tests {
         let mut body = Vec::new();
         put16(&mut body, list.len());
         body.extend_from_slice(&list);
-        extension(out, 16, &body);
+        extension(out, ALPN, &body);
     }
 
     proptest! {
