@@ -248,13 +248,20 @@ impl Fields<'_> {
 
     /// An error's text, escaped in JSON.
     fn error(&mut self, name: &str, error: &io::Error) {
-        match self.style {
-            Style::Text => self.shown(name, error),
-            Style::Json => {
-                self.name(name);
-                json_string(self.out, &error.to_string());
-            }
-        }
+        let Some(code) = error.raw_os_error() else {
+            return match self.style {
+                Style::Text => self.shown(name, error),
+                Style::Json => {
+                    self.name(name);
+                    json_string(self.out, &error.to_string());
+                }
+            };
+        };
+        self.name(name);
+        os_error_text(code, |text| match self.style {
+            Style::Text => self.out.extend_from_slice(text.as_bytes()),
+            Style::Json => json_string(self.out, text),
+        });
     }
 
     fn number(&mut self, name: &str, value: u64) {
@@ -303,6 +310,36 @@ fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
     out.extend(std::iter::repeat_n(b'0', 6 - text.len()));
     out.extend_from_slice(text.as_bytes());
     out.push(b'Z');
+}
+
+/// How many OS errors' texts a thread keeps: a connection ends with one of
+/// a handful (reset, broken pipe, refused, timed out).
+const OS_ERROR_TEXTS: usize = 16;
+
+thread_local! {
+    /// The text of the OS errors this thread wrote lately, by code.
+    static OS_ERRORS: RefCell<Vec<(i32, Box<str>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `write` with `io::Error`'s text for the OS error `code`, as its
+/// `Display` writes it. `Display` looks the text up each time (strerror_r,
+/// which goes through gettext and its lock, and an allocation), and
+/// connections that end in a reset carry one in every access line.
+fn os_error_text(code: i32, write: impl FnOnce(&str)) {
+    OS_ERRORS.with_borrow_mut(|texts| {
+        let at = match texts.iter().position(|(c, _)| *c == code) {
+            Some(at) => at,
+            None => {
+                if texts.len() == OS_ERROR_TEXTS {
+                    texts.remove(0);
+                }
+                let text = io::Error::from_raw_os_error(code).to_string();
+                texts.push((code, text.into_boxed_str()));
+                texts.len() - 1
+            }
+        };
+        write(&texts[at].1);
+    });
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes it.
@@ -389,6 +426,23 @@ mod tests {
             serde_json::from_str(&direct(&entry(None), Style::Json)).unwrap();
         assert_eq!(json["received"], 1_048_576);
         assert_eq!(json["backend"], "127.0.0.2:443");
+    }
+
+    /// An OS error's text comes from the thread's cache after its first
+    /// line, and reads as `Display` writes it every time, also when more
+    /// codes come than the cache keeps.
+    #[test]
+    fn os_errors_read_as_display_writes_them() {
+        let codes: Vec<i32> =
+            (1..=2 * OS_ERROR_TEXTS as i32).chain([104, 32, 104, 1, 110]).collect();
+        for code in codes {
+            let error = io::Error::from_raw_os_error(code);
+            let e = entry(Some(&error));
+            for style in [Style::Text, Style::Json] {
+                assert_eq!(direct(&e, style), through_tracing(&e, style), "code {code}, {style:?}");
+            }
+        }
+        OS_ERRORS.with_borrow(|texts| assert!(texts.len() <= OS_ERROR_TEXTS));
     }
 
     proptest! {
