@@ -14,6 +14,7 @@
 #   TOGETHER=1 ROUNDS=40 bench/ab.sh A B   # both stay up, 2 s rounds
 #   WORKLOAD=tls bench/ab.sh nginx target/release/tcplb   # new TLS connections routed by SNI
 #   TCPLB_AS_SHIPPED=1 bench/ab.sh A B   # tcplb with its defaults (auto, access log), not tuned
+#   TOGETHER=1 bench/ab.sh floor target/release/tcplb   # against bench/floor, the least a tokio relay does
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as

@@ -82,11 +82,19 @@ tcplb_defaults() {
     printf '[defaults]\nprotocol = "tcp"\naccess_log = false\n'
 }
 
-# Exits 2 unless WHO is an installed nginx or haproxy, or an executable (a tcplb build).
+# bench/floor's relay (built on first use by require_lb): the least a tokio
+# proxy does per connection, no routing, no log (docs/benchmarks.md).
+FLOOR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/floor/target/release/floor
+
+# Exits 2 unless WHO is an installed nginx or haproxy, bench/floor's relay
+# ("floor"), or an executable (a tcplb build).
 require_lb() { # WHO
     case $1 in
         nginx | haproxy | haproxy-splice)
             command -v "${1%-splice}" >/dev/null || { echo "$(basename "$0"): needs ${1%-splice} (bench/compare.sh installs it)" >&2; exit 2; } ;;
+        floor)
+            [ -x "$FLOOR" ] || (cd "$(dirname "$FLOOR")/../../.." && cargo build --release -q) \
+                || { echo "$(basename "$0"): cannot build bench/floor" >&2; exit 2; } ;;
         *) [ -x "$1" ] || { echo "$(basename "$0"): not an executable (nor nginx, haproxy or haproxy-splice): $1" >&2; exit 2; } ;;
     esac
 }
@@ -168,6 +176,10 @@ backend tls
     server t1 127.0.0.1:${tls:-$b1}
 CONF
         setsid haproxy -f "$dir/haproxy.cfg" -q & LB_PID=$!
+        sleep 0.5
+    elif [ "$who" = floor ]; then
+        # It cannot route: with TLS it connects every client to TLS_BACKEND.
+        setsid "$FLOOR" "127.0.0.1:$port" "$([ -n "$tls" ] && echo "127.0.0.1:$tls" || echo "127.0.0.1:$b1,127.0.0.1:$b2")" "$workers" & LB_PID=$!
         sleep 0.5
     else
         cat > "$dir/lb.toml" <<CONF
