@@ -5,6 +5,8 @@
 //! DNS, probes, metrics, the status page and the admin drain treat it as
 //! they treat a listener.
 
+use std::borrow::Cow;
+
 use super::{HealthConfig, ListenerConfig, StrategyKind, Upstream};
 
 /// One route of a listener.
@@ -63,8 +65,14 @@ fn best(
     names: impl Fn(&RouteConfig) -> &Vec<String>,
     name: &str,
 ) -> Option<usize> {
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if let Some(i) = routes.iter().position(|r| names(r).contains(&name)) {
+    let name = name.trim_end_matches('.');
+    // Names come lowercase almost always: a copy only for those that do not.
+    let name: Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    };
+    if let Some(i) = routes.iter().position(|r| names(r).iter().any(|n| *n == name)) {
         return Some(i);
     }
     // A wildcard covers exactly one label: *.example.com takes
