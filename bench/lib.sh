@@ -84,7 +84,8 @@ tcplb_defaults() {
 
 # bench/floor's relay (built on first use by require_lb): the least a tokio
 # proxy does per connection, no routing, no log (docs/benchmarks.md).
-FLOOR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/floor/target/release/floor
+FLOOR_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/floor
+FLOOR=$FLOOR_DIR/target/release/floor
 
 # Exits 2 unless WHO is an installed nginx or haproxy, bench/floor's relay
 # ("floor"), or an executable (a tcplb build).
@@ -93,7 +94,7 @@ require_lb() { # WHO
         nginx | haproxy | haproxy-splice)
             command -v "${1%-splice}" >/dev/null || { echo "$(basename "$0"): needs ${1%-splice} (bench/compare.sh installs it)" >&2; exit 2; } ;;
         floor)
-            [ -x "$FLOOR" ] || (cd "$(dirname "$FLOOR")/../../.." && cargo build --release -q) \
+            [ -x "$FLOOR" ] || (cd "$FLOOR_DIR" && cargo build --release -q) \
                 || { echo "$(basename "$0"): cannot build bench/floor" >&2; exit 2; } ;;
         *) [ -x "$1" ] || { echo "$(basename "$0"): not an executable (nor nginx, haproxy or haproxy-splice): $1" >&2; exit 2; } ;;
     esac
