@@ -60,14 +60,7 @@ for tool in nginx wrk; do
 done
 
 one_lb_setup ab
-if [ "$WORKLOAD" = tls ]; then
-    # Nothing may listen on TLS_DEAD: a name that was not routed fails.
-    TLS_BACKEND=18483; TLS_DEAD=18480
-    require_free_ports $TLS_BACKEND $TLS_DEAD
-    export TLS_BACKEND TLS_DEAD
-    start_tls_backend "$WORK" $TLS_BACKEND
-    trap '[ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
-fi
+if [ "$WORKLOAD" = tls ]; then tls_workload_setup; fi
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"
     lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
 }

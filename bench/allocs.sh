@@ -35,16 +35,10 @@ one_lb_setup allocs
 PROBES=()
 cleanup() {
     for p in "${PROBES[@]}"; do perf probe -q -d "$p" 2>/dev/null || true; done
-    [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")" 2>/dev/null || true
     one_lb_cleanup
 }
 trap cleanup EXIT
-if [ "$WORKLOAD" = tls ]; then
-    TLS_BACKEND=18483; TLS_DEAD=18480
-    require_free_ports $TLS_BACKEND $TLS_DEAD
-    export TLS_BACKEND TLS_DEAD
-    start_tls_backend "$WORK" $TLS_BACKEND
-fi
+if [ "$WORKLOAD" = tls ]; then tls_workload_setup; fi
 EVENTS=()
 for f in $FUNCS; do
     name="tcplb_allocs_$f"

@@ -50,17 +50,7 @@ done
 
 export TCPLB_AS_SHIPPED=${TCPLB_AS_SHIPPED:-1}
 one_lb_setup instructions
-cleanup() {
-    [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")" 2>/dev/null || true
-    one_lb_cleanup
-}
-trap cleanup EXIT
-if [ "$WORKLOAD" = tls ]; then
-    TLS_BACKEND=18483; TLS_DEAD=18480
-    require_free_ports $TLS_BACKEND $TLS_DEAD
-    export TLS_BACKEND TLS_DEAD
-    start_tls_backend "$WORK" $TLS_BACKEND
-fi
+if [ "$WORKLOAD" = tls ]; then tls_workload_setup; fi
 
 # The instructions callgrind counted in FILE.
 total() { # FILE

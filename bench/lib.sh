@@ -114,9 +114,20 @@ one_lb_setup() { # NAME
 }
 one_lb_cleanup() {
     stop_lb "$WORK"
+    [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")" 2>/dev/null || true
     [ -f "$WORK/nginx-be.pid" ] && kill "$(cat "$WORK/nginx-be.pid")" 2>/dev/null || true
     sleep 0.3
     rm -rf "$WORK"
+}
+
+# After one_lb_setup, for WORKLOAD=tls: the nginx TLS backend on
+# TLS_BACKEND and a TLS_DEAD port where nothing may listen (a name that was
+# not routed fails), exported for start_lb; one_lb_cleanup stops it.
+tls_workload_setup() {
+    TLS_BACKEND=18483; TLS_DEAD=18480
+    require_free_ports $TLS_BACKEND $TLS_DEAD
+    export TLS_BACKEND TLS_DEAD
+    start_tls_backend "$WORK" $TLS_BACKEND
 }
 
 # The global and defaults sections of every benchmarked HAProxy: mode tcp,
