@@ -168,8 +168,8 @@ fn spawn_connection(
     let kill = seat.slot().kill().clone();
     // Boxed: the connection's future is about 2 KiB, and each wrapper
     // below, the task tracker and the task cell would otherwise copy all of
-    // it (bench/instructions.sh: 1.7% of the instructions of a TLS
-    // connection). No async block around it: that would be one more copy.
+    // it (docs/benchmarks.md, sixteenth session). No async block around
+    // it: that would be one more copy.
     let name = Arc::clone(&svc.name);
     let task = AssertUnwindSafe(Box::pin(proxy::serve(Arc::clone(svc), stream, peer, kill)))
         .catch_unwind()
