@@ -23,6 +23,14 @@ use crate::stats::LOG_LINES_DROPPED;
 /// How often the number of dropped lines is looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// The writer thread's nice value: the lowest priority. Its lines may wait
+/// a second anyway, and at normal priority each of its write(2)s preempted
+/// the workers on a busy machine, which cost them far more than the write
+/// itself (docs/benchmarks.md, "seventeenth session"). Still a share of the
+/// CPU, not idle-only scheduling, so on a saturated machine it keeps up
+/// instead of starving while the buffer fills.
+const WRITER_NICE: i32 = 19;
+
 /// Keeps the log writer running; dropping it writes out what is buffered.
 #[derive(Debug)]
 #[must_use = "dropping the guard stops the log writer"]
@@ -77,7 +85,10 @@ pub fn init(filter: EnvFilter, json: bool) -> LogGuard {
             .name("tcplb-log".into())
             // Not `stderr().lock()`: held between batches it would block the
             // eprintln! of an error on the way out.
-            .spawn(move || lines.write_out(&mut std::io::stderr()))
+            .spawn(move || {
+                lower_priority();
+                lines.write_out(&mut std::io::stderr())
+            })
             .ok()
     };
     watch_drops();
@@ -96,6 +107,14 @@ pub fn init(filter: EnvFilter, json: bool) -> LogGuard {
         builder.init();
     }
     LogGuard { lines, writer }
+}
+
+/// Gives the calling thread the [`WRITER_NICE`] priority. On Linux a nice
+/// value belongs to a thread, so the workers keep theirs. If it cannot be
+/// set (a sandbox that forbids setpriority) the writer runs as before.
+fn lower_priority() {
+    let this = rustix::thread::gettid();
+    let _ = rustix::process::setpriority_process(Some(this), WRITER_NICE);
 }
 
 /// Once the drops stop (the reader caught up) logs how many lines were
