@@ -24,11 +24,11 @@ use crate::stats::LOG_LINES_DROPPED;
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The writer thread's nice value: the lowest priority. Its lines may wait
-/// a second anyway, and at normal priority each of its write(2)s preempted
-/// the workers on a busy machine, which cost them far more than the write
-/// itself (docs/benchmarks.md, "seventeenth session"). Still a share of the
-/// CPU, not idle-only scheduling, so on a saturated machine it keeps up
-/// instead of starving while the buffer fills.
+/// a second anyway, and at the workers' priority its write(2)s on a busy
+/// machine cost the workers far more than the writer's own time
+/// (docs/benchmarks.md, "seventeenth session"). Still a share of the CPU,
+/// not idle-only scheduling, so on a saturated machine it keeps up instead
+/// of starving while the buffer fills.
 const WRITER_NICE: i32 = 19;
 
 /// Keeps the log writer running; dropping it writes out what is buffered.
