@@ -89,26 +89,13 @@ async fn a_stalled_log_reader_never_stops_a_connection() {
     drop(stderr);
 }
 
-/// The nice value in a /proc `stat` file's text.
-fn nice_in(stat: &str) -> i64 {
-    // After the ")" that ends the name: state is field 3, nice field 19.
-    let after = stat.rsplit_once(')').expect("stat format").1;
-    after.split_whitespace().nth(16).expect("nice field").parse().expect("nice is a number")
-}
-
-/// The nice value of each of `pid`'s threads named `name`.
+/// The nice value of each of `pid`'s threads named `name` (procfs reads
+/// /proc/PID/task/TID/stat, as tcplb's own metrics read /proc/self).
 fn nice_of_threads(pid: u32, name: &str) -> Vec<i64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
-    let mut found = Vec::new();
-    for task in tasks.map_while(Result::ok) {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).expect("thread stat");
-        found.push(nice_in(&stat));
-    }
-    found
+    let process = procfs::process::Process::new(pid as i32).expect("tcplb's /proc entry");
+    let tasks = process.tasks().expect("list threads").map_while(Result::ok);
+    let stats = tasks.filter_map(|task| task.stat().ok());
+    stats.filter(|stat| stat.comm == name).map(|stat| stat.nice).collect()
 }
 
 #[test]
@@ -122,12 +109,12 @@ fn the_log_writer_yields_to_the_workers() {
     );
     wait_listening(&rx);
     let pid = child.0.id();
-    // The writer runs as the lowest priority, so that its writes wait for
-    // a worker's time slice to end instead of preempting it ...
+    // The writer runs at the lowest priority ...
     assert_eq!(nice_of_threads(pid, "tcplb-log"), vec![19], "the log writer's nice value");
     // ... and only the writer: the workers keep the priority tcplb was
     // started with.
-    let started = nice_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat"));
+    let process = procfs::process::Process::new(pid as i32).expect("tcplb's /proc entry");
+    let started = process.stat().expect("tcplb's stat").nice;
     assert!(started < 19, "tcplb was started at the lowest priority: nothing to compare");
     for worker in ["tcplb-worker-0", "tcplb-worker-1"] {
         assert_eq!(nice_of_threads(pid, worker), vec![started], "{worker}'s nice value");
