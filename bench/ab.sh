@@ -17,6 +17,9 @@
 #   TOGETHER=1 bench/ab.sh floor target/release/tcplb   # against bench/floor, the least a tokio relay does
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
+# NGINX_HALF_CLOSE=1 runs nginx with proxy_half_close on: the client's bytes
+# after the backend's FIN still reach the backend, as through tcplb (nginx's
+# default closes both sockets at the first FIN and drops them).
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
 # tcplb's workers have, instead of one shared socket. URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k

@@ -142,7 +142,10 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
-# NGINX_REUSEPORT=1), "haproxy" (mode tcp, WORKERS threads, 16 KiB buffers),
+# NGINX_REUSEPORT=1; NGINX_HALF_CLOSE=1 sets proxy_half_close on, so that
+# it keeps the client's direction open after the backend's FIN as tcplb and
+# HAProxy do, instead of closing both sockets at the first FIN), "haproxy"
+# (mode tcp, WORKERS threads, 16 KiB buffers),
 # "haproxy-splice" (the same with splice both ways) or a tcplb binary
 # (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"';
 # TCPLB_AS_SHIPPED=1: its own defaults instead of tcplb_defaults' tuning).
@@ -167,6 +170,7 @@ error_log $dir/nginx-lb.err;
 events { worker_connections 4096; }
 stream {
     upstream http { server 127.0.0.1:$b1; server 127.0.0.1:$b2; }
+    $(if [ "${NGINX_HALF_CLOSE:-0}" = 1 ]; then echo "proxy_half_close on;"; fi)
     $server
 }
 CONF
