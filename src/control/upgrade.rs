@@ -24,12 +24,16 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
+use rustix::process::{kill_process, waitid, Pid, Signal, WaitId, WaitIdOptions};
+use tokio::sync::oneshot;
 
 /// The environment variable that names the old process's socket.
 pub const FROM_ENV: &str = "TCPLB_UPGRADE_FROM";
@@ -179,16 +183,14 @@ pub(crate) async fn start_successor(handover: Handover) -> Result<u32, String> {
         return Err("no argv[0] to start".into());
     }
     let program = args.remove(0);
-    let mut child = tokio::process::Command::new(&program)
-        .args(args)
-        .env(FROM_ENV, &path)
-        .stdin(std::process::Stdio::null())
-        .spawn()
+    let mut command = std::process::Command::new(&program);
+    command.args(args).env(FROM_ENV, &path).stdin(std::process::Stdio::null());
+    let mut child = Successor::spawn(command)
         .map_err(|e| format!("cannot start {}: {e}", Path::new(&program).display()))?;
-    let pid = child.id().unwrap_or_default();
+    let pid = Pid::as_raw(Some(child.pid)).unsigned_abs();
     let accepted = tokio::select! {
         a = tokio::time::timeout(CONNECT_WITHIN, listener.accept()) => a,
-        status = child.wait() => {
+        status = &mut child.status => {
             let _ = std::fs::remove_file(&path);
             return Err(format!("the new process exited before taking over ({})", describe(status)));
         }
@@ -198,7 +200,7 @@ pub(crate) async fn start_successor(handover: Handover) -> Result<u32, String> {
         Ok(Ok((stream, _))) => stream,
         Ok(Err(e)) => return Err(format!("the new process could not connect: {e}")),
         Err(_) => {
-            let _ = child.start_kill();
+            child.kill();
             return Err("the new process did not connect within 10s; stopped it".into());
         }
     };
@@ -207,18 +209,66 @@ pub(crate) async fn start_successor(handover: Handover) -> Result<u32, String> {
     let exchange = tokio::task::spawn_blocking(move || exchange(stream, &handover));
     tokio::select! {
         r = exchange => match r {
-            Ok(Ok(())) => {
-                // Reaped by tokio in the background once it exits.
-                drop(child);
-                Ok(pid)
-            }
+            // Its watcher reaps it when it exits.
+            Ok(Ok(())) => Ok(pid),
             Ok(Err(e)) => {
-                let _ = child.start_kill();
+                child.kill();
                 Err(format!("the new process did not take over: {e}"))
             }
             Err(e) => Err(e.to_string()),
         },
-        status = child.wait() => Err(format!("the new process exited before it was ready ({})", describe(status))),
+        status = &mut child.status => Err(format!("the new process exited before it was ready ({})", describe(status))),
+    }
+}
+
+/// The new process, watched by a thread of its own until it exits.
+///
+/// Not `tokio::process`: its reaper takes two locks shared by every runtime
+/// each time a runtime's driver turns, which the workers' do many times a
+/// second on the data path, for the one child tcplb ever starts.
+struct Successor {
+    /// Its pid.
+    pid: Pid,
+    /// Set once it exited, before it is reaped: until then its pid cannot
+    /// name another process, and [`Successor::kill`] may signal it.
+    exited: Arc<Mutex<bool>>,
+    /// Its exit status, when it exits.
+    status: oneshot::Receiver<std::io::Result<ExitStatus>>,
+}
+
+impl Successor {
+    /// Starts `command` and its watcher.
+    fn spawn(mut command: std::process::Command) -> std::io::Result<Successor> {
+        let mut child = command.spawn()?;
+        let pid = Pid::from_child(&child);
+        let exited = Arc::new(Mutex::new(false));
+        let (tell, status) = oneshot::channel();
+        let flag = Arc::clone(&exited);
+        let watcher = std::thread::Builder::new().name("tcplb-successor".into()).spawn(move || {
+            // Waits for the exit without reaping it (WNOWAIT), so that a
+            // kill cannot reach another process that took the pid over.
+            let exit = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+            while let Err(rustix::io::Errno::INTR) = waitid(WaitId::Pid(pid), exit) {}
+            let mut exited = flag.lock().unwrap_or_else(PoisonError::into_inner);
+            *exited = true;
+            let status = child.wait();
+            drop(exited);
+            let _ = tell.send(status);
+        });
+        if let Err(e) = watcher {
+            // Not reaped: the pid is still the child's.
+            let _ = kill_process(pid, Signal::KILL);
+            return Err(e);
+        }
+        Ok(Successor { pid, exited, status })
+    }
+
+    /// Stops it (SIGKILL), unless it exited already.
+    fn kill(&self) {
+        let exited = self.exited.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*exited {
+            let _ = kill_process(self.pid, Signal::KILL);
+        }
     }
 }
 
@@ -275,9 +325,42 @@ fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what)
 }
 
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+fn describe(status: Result<std::io::Result<ExitStatus>, oneshot::error::RecvError>) -> String {
     match status {
-        Ok(s) => s.to_string(),
-        Err(e) => e.to_string(),
+        Ok(Ok(s)) => s.to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "its watcher ended".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::Duration;
+
+    use super::Successor;
+
+    fn sh(script: &str) -> std::process::Command {
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    #[tokio::test]
+    async fn its_exit_status_arrives_when_it_exits() {
+        let mut child = Successor::spawn(sh("exit 3")).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), &mut child.status).await;
+        assert_eq!(status.unwrap().unwrap().unwrap().code(), Some(3));
+        // Exited and reaped: no signal goes to a pid that may be another's now.
+        assert!(*child.exited.lock().unwrap());
+        child.kill();
+    }
+
+    #[tokio::test]
+    async fn kill_stops_one_that_still_runs() {
+        let mut child = Successor::spawn(sh("sleep 30")).unwrap();
+        child.kill();
+        let status = tokio::time::timeout(Duration::from_secs(10), &mut child.status).await;
+        assert_eq!(status.unwrap().unwrap().unwrap().signal(), Some(9));
     }
 }
