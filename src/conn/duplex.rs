@@ -122,22 +122,33 @@ pub struct Ended {
     pub backend: bool,
 }
 
+/// How the connection stands when the byte pump takes it over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Opening {
+    /// Which ends finished already.
+    pub ended: Ended,
+    /// The client opened with a TLS ClientHello, so the backend's first
+    /// bytes are its handshake: a few KiB, never a bulk response.
+    pub tls: bool,
+}
+
 /// Copies bytes both ways until both directions end, one fails, nothing
 /// moves for the idle (or half-close) timeout, or the drain deadline passes
 /// (both kept by `watch`).
 ///
 /// `totals` (client→backend, backend→client) are bumped as bytes move, so
 /// long-lived connections show up in metrics before they end.
-/// `ended` says which ends the first exchange already saw finish.
+/// `opening` says which ends the first exchange already saw finish.
 pub async fn splice(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     timeouts: Timeouts,
     mut watch: Pin<&mut Watch<'_>>,
     totals: (&AtomicU64, &AtomicU64),
-    ended: Ended,
+    opening: Opening,
     mode: SpliceMode,
 ) -> Outcome {
+    let Opening { ended, tls } = opening;
     let activity = Activity::new(u8::from(ended.client));
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
@@ -151,7 +162,11 @@ pub async fn splice(
     let (end, error) = {
         let to_backend = Dest { counters: [&sent, totals.0], corked: &corked.1 };
         let up = pump(&mut cr, &mut bw, to_backend, &activity, mode, Start::Request);
-        let down_start = if ended.backend { Start::AtEof } else { Start::Response };
+        let down_start = match (ended.backend, tls) {
+            (true, _) => Start::AtEof,
+            (false, true) => Start::Handshake,
+            (false, false) => Start::Response,
+        };
         let to_client = Dest { counters: [&received, totals.1], corked: &corked.0 };
         let down = pump(&mut br, &mut cw, to_client, &activity, mode, down_start);
         tokio::pin!(up, down);
@@ -243,7 +258,7 @@ async fn pump(
             // first. One ioctl.
             splicing = burst(from);
         }
-        Start::Response | Start::Request => {}
+        Start::Response | Start::Request | Start::Handshake => {}
     }
     // Set once the source's end of stream is known without a read of its own.
     let mut ended = start == Start::AtEof;
@@ -317,6 +332,11 @@ enum Start {
     /// its first full read instead, which spares every other connection the
     /// ioctl.
     Request,
+    /// Backend to client after a TLS ClientHello: its first bytes are the
+    /// server's handshake, so the look for a first bulk response would
+    /// always find too little; a download is recognized after its first
+    /// full read, as an upload is.
+    Handshake,
     /// The source's end of stream is known already (it came with the last
     /// bytes the first exchange read): only the FIN is left to pass on.
     AtEof,
@@ -680,7 +700,8 @@ mod tests {
         let timeouts = Timeouts { idle: Some(Duration::from_secs(5)), half_close: None };
         let totals = (AtomicU64::new(0), AtomicU64::new(0));
         let totals = (&totals.0, &totals.1);
-        splice(client, backend, timeouts, watch, totals, ended, SpliceMode::Off).await
+        let opening = Opening { ended, tls: false };
+        splice(client, backend, timeouts, watch, totals, opening, SpliceMode::Off).await
     }
 
     /// Resets `s`: its peer's next read fails.

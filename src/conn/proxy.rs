@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::config::Protocol;
 use crate::conn::access;
 use crate::conn::connect::{connect, BackendConn, Endpoints, NotConnected};
-use crate::conn::duplex::{self, End, Ended};
+use crate::conn::duplex::{self, End, Ended, Opening};
 use crate::conn::http::{self, Peek, Status};
 use crate::conn::proxy_protocol;
 use crate::conn::replay::{self, FirstOutcome, Held};
@@ -139,6 +139,8 @@ struct Routed {
     sni: Option<String>,
     /// The TLS ALPN protocols offered.
     alpn: Option<String>,
+    /// It opened with a whole TLS ClientHello.
+    tls: bool,
 }
 
 /// Why a connection ended, for the access log.
@@ -277,6 +279,7 @@ impl<'a> Connection<'a> {
             route: target.map_or_else(|| "default".to_string(), |(name, _)| name.clone()),
             sni: choice.sni,
             alpn: choice.alpn,
+            tls: choice.tls,
         }));
         match target {
             Some((_, route)) => {
@@ -503,7 +506,7 @@ impl<'a> Connection<'a> {
             cfg.timeouts(),
             watch,
             up.backend.byte_counters(),
-            ended,
+            Opening { ended, tls: self.routed.as_ref().is_some_and(|r| r.tls) },
             cfg.splice,
         )
         .await;

@@ -37,6 +37,8 @@ pub struct Choice {
     pub host: Option<String>,
     /// The client half-closed while being read.
     pub ended: bool,
+    /// The bytes read are a whole TLS ClientHello.
+    pub tls: bool,
 }
 
 /// What a prefix of the client's bytes is.
@@ -100,6 +102,7 @@ pub async fn choose(
             choice.route = sni.as_deref().and_then(|name| route::by_sni(routes, name));
             choice.sni = sni;
             choice.alpn = (!alpn.is_empty()).then(|| alpn.join(","));
+            choice.tls = true;
         }
         Seen::Http { host } => {
             choice.route = host.as_deref().and_then(|h| route::by_host(routes, h));
