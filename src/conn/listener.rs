@@ -211,10 +211,14 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
     // succeeded for BURST_GAP after the last error.
     let mut failures: u64 = 0;
     let mut last_failure = tokio::time::Instant::now();
+    // One waiter on the token for the loop's life: one made for each accept
+    // would join and leave the token's list (two locks) every time.
+    let stopped = ctx.stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
             r = listener.async_io(tokio::io::Interest::READABLE, accept_raw) => r,
-            _ = ctx.stop.cancelled() => return,
+            () = &mut stopped => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -232,7 +236,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                                 Ok(p) => p,
                                 Err(_) => return,
                             },
-                            _ = ctx.stop.cancelled() => return,
+                            () = &mut stopped => return,
                         }
                     }
                 };
@@ -252,7 +256,7 @@ pub async fn accept_loop(listener: std::net::TcpListener, svc: Arc<Service>, ctx
                 last_failure = tokio::time::Instant::now();
                 tokio::select! {
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    _ = ctx.stop.cancelled() => return,
+                    () = &mut stopped => return,
                 }
             }
             Err(e) => {
