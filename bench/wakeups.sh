@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Who wakes whom, and how often each process is switched out, per request,
-# while one proxy carries a wrk run (conn-close, or WORKLOAD=keep-alive): perf's sched tracepoints,
+# while one proxy carries a wrk run (conn-close, WORKLOAD=keep-alive, or
+# WORKLOAD=tls: new TLS connections routed by SNI, as in ab.sh): perf's sched tracepoints,
 # system-wide, for 2 s in the middle of a 6 s run. On a machine where client,
 # proxy and backends share the cores, these switches are part of what a
 # proxy costs. Loopback only; stops everything it started.
@@ -9,16 +10,19 @@
 #   bench/wakeups.sh target/release/tcplb
 #   WORKERS=1 bench/wakeups.sh nginx        # workers (default: cores)
 #   WORKLOAD=keep-alive bench/wakeups.sh haproxy
+#   WORKLOAD=tls bench/wakeups.sh target/release/tcplb   # the backend is the TLS nginx
 #
 # Needs perf (Debian: linux-perf) with access to tracepoints (root), nginx, wrk.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 WHO=${1:?usage: bench/wakeups.sh nginx|haproxy|TCPLB_BINARY}
 WORKERS=${WORKERS:-$(nproc)}
+URL_BASE=http://127.0.0.1:
 case ${WORKLOAD:-close} in
     close) HEADER="Connection: close" ;;
     keep-alive) HEADER="Connection: keep-alive" ;;
-    *) echo "wakeups.sh: WORKLOAD must be close or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
+    tls) HEADER="Connection: close"; URL_BASE=https://localhost: ;;
+    *) echo "wakeups.sh: WORKLOAD must be close, keep-alive or tls, not '$WORKLOAD'" >&2; exit 2 ;;
 esac
 for tool in perf nginx wrk; do
     command -v $tool >/dev/null || { echo "wakeups.sh: needs $tool" >&2; exit 2; }
@@ -26,12 +30,14 @@ done
 require_lb "$WHO"
 
 one_lb_setup wakeups
+if [ "${WORKLOAD:-close}" = tls ]; then tls_workload_setup; fi
 start_lb "$WORK" "$WHO" "$WORKERS" $LB $B1 $B2
 tids() { for p in "$@"; do ls "/proc/$p/task"; done | tr '\n' ' '; }
 BE=$(cat "$WORK/nginx-be.pid")
+if [ "${WORKLOAD:-close}" = tls ]; then BE=$(cat "$WORK/nginx-tls.pid"); fi
 ROLES="proxy=$(tids $LB_PIDS | tr ' ' ,) backend=$(tids $BE $(pgrep -P "$BE" || true) | tr ' ' ,)"
 
-wrk -t1 -c50 -d6 -H "$HEADER" "http://127.0.0.1:$LB/" > "$WORK/wrk.out" & WRK=$!
+wrk -t1 -c50 -d6 -H "$HEADER" "$URL_BASE$LB/" > "$WORK/wrk.out" & WRK=$!
 sleep 2
 perf record -q -a -e sched:sched_wakeup,sched:sched_switch -o "$WORK/perf.data" -- sleep 2 2>/dev/null
 wait $WRK
