@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Who wakes whom, and how often each process is switched out, per request,
+# Who wakes whom, how often each process is switched out and who preempts
+# it, per request (the proxy's threads by name),
 # while one proxy carries a wrk run (conn-close, WORKLOAD=keep-alive, or
 # WORKLOAD=tls: new TLS connections routed by SNI, as in ab.sh): perf's sched tracepoints,
 # system-wide, for 2 s in the middle of a 6 s run. On a machine where client,
@@ -54,9 +55,10 @@ for item in roles.split():
     role.update((t, name) for t in tids.split(",") if t)
 def who(tid, comm):
     if tid in role:
-        return role[tid]
+        # The proxy's threads by name: a worker, the log writer, the control plane.
+        return f"{role[tid]} ({comm})" if role[tid] == "proxy" else role[tid]
     return re.sub(r"[/:-]\d+$", "", comm)  # ksoftirqd/0, swapper/1, kworker/u8:3 ...
-wakes, outs = collections.Counter(), collections.Counter()
+wakes, outs, takers = collections.Counter(), collections.Counter(), collections.Counter()
 for line in open(trace):
     m = re.match(r"\s*(\S+)\s+(\d+)\s+sched:(sched_wakeup|sched_switch):\s*(.*)", line)
     if not m:
@@ -67,8 +69,11 @@ for line in open(trace):
         wakes[(who(tid, comm), who(wakee.group(2), wakee.group(1)))] += 1
     else:
         prev = re.search(r"prev_comm=(\S+) prev_pid=(\d+) .*prev_state=(\S+)", rest)
+        nxt = re.search(r"next_comm=(\S+) next_pid=(\d+)", rest)
         how = "preempted" if prev.group(3).startswith("R") else "slept"
         outs[(who(prev.group(2), prev.group(1)), how)] += 1
+        if how == "preempted":
+            takers[(who(prev.group(2), prev.group(1)), who(nxt.group(2), nxt.group(1)))] += 1
 print(f"{rps:.0f} req/s through {sys.argv[4]}, traced for 2 s\n")
 print("| waker | woken | per request |\n|---|---|---|")
 for (a, b), n in wakes.most_common(8):
@@ -76,5 +81,8 @@ for (a, b), n in wakes.most_common(8):
 print("\n| switched out | how | per request |\n|---|---|---|")
 for (a, how), n in outs.most_common(8):
     print(f"| {a} | {how} | {n / requests:.3f} |")
+print("\n| preempted | by | per request |\n|---|---|---|")
+for (a, b), n in takers.most_common(8):
+    print(f"| {a} | {b} | {n / requests:.3f} |")
 print(f"\ncontext switches per request, all processes: {sum(outs.values()) / requests:.2f}")
 PY
