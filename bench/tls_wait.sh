@@ -67,6 +67,8 @@ for round in $(seq 1 "$ROUNDS"); do
 import sys
 conns = again = data = 0
 for line in sys.stdin:
+    if not line.strip():
+        continue
     if "connect" in line.split()[0]:
         conns += 1
         continue
