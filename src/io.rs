@@ -75,21 +75,6 @@ pub fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     read_clearing(src, room, || recv(src, &mut *buf, RecvFlags::empty()).map(|(n, _)| n))
 }
 
-/// [`read_some`] into the spare capacity of `buf`, which it extends by what
-/// it read: no zeroed buffer to fill and copy out of.
-pub fn read_some_spare(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-    use rustix::buffer::spare_capacity;
-    use rustix::net::{recv, RecvFlags};
-    let room = buf.capacity() - buf.len();
-    if room == 0 {
-        // A read of nothing would look like the end of the stream.
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no room to read into"));
-    }
-    read_clearing(src, room, || {
-        recv(src, spare_capacity(&mut *buf), RecvFlags::empty()).map(|(n, _)| n)
-    })
-}
-
 /// Runs `recv` (a read of at most `room` bytes) as tokio's `try_io`, and
 /// takes a short read for the WouldBlock that clears the readiness.
 fn read_clearing(

@@ -6,6 +6,7 @@
 //! readiness, and a client that sends nothing more is simply not read again
 //! until it does or the deadline passes.
 
+use std::cell::RefCell;
 use std::pin::Pin;
 
 use tokio::net::TcpStream;
@@ -14,7 +15,7 @@ use crate::config::route::{self, RouteConfig};
 use crate::conn::http::{self, Sniff};
 use crate::conn::tls::{self, Hello};
 use crate::conn::watch::{Alarm, Watch};
-use crate::io::read_some_spare;
+use crate::io::read_some;
 
 /// Most bytes read to decide: a ClientHello of many extensions, or a
 /// request head with large cookies.
@@ -23,6 +24,12 @@ pub const LIMIT: usize = tls::MAX_HELLO;
 /// Most bytes one read takes: a whole ClientHello, or a request head,
 /// nearly always.
 const READ: usize = 4096;
+
+thread_local! {
+    /// What one read of a client's first bytes goes into, kept between the
+    /// connections of a worker.
+    static SCRATCH: RefCell<Box<[u8; READ]>> = RefCell::new(Box::new([0; READ]));
+}
 
 /// What the client's first bytes said, and where they go.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -66,9 +73,7 @@ pub async fn choose(
             Seen::NeedMore => break Seen::Other,
             seen => break seen,
         }
-        // Exactly: a read fills all the spare capacity there is, so this
-        // bounds it (and the bytes kept) near LIMIT.
-        early.reserve_exact((LIMIT - early.len()).min(READ));
+        let room = (LIMIT - early.len()).min(READ);
         let read = loop {
             tokio::select! {
                 biased;
@@ -78,10 +83,19 @@ pub async fn choose(
                     Alarm::Drain => return None,
                 },
             }
-            // Straight into `early`: no buffer of its own to fill and copy.
-            // A short read clears the readiness, so the byte pump's first
-            // read after a whole ClientHello waits instead of failing.
-            match read_some_spare(client, early) {
+            // Into the worker's scratch, then copied: `early` is then
+            // allocated at the size the client sent (a ClientHello is some
+            // 500 bytes), which glibc serves from its per-thread cache,
+            // where a buffer of READ bytes bypasses it. A short read clears
+            // the readiness, so the byte pump's first read after a whole
+            // ClientHello waits instead of failing.
+            match SCRATCH.with_borrow_mut(|scratch| {
+                let got = read_some(client, &mut scratch[..room]);
+                if let Ok(Some(n)) = got {
+                    early.extend_from_slice(&scratch[..n]);
+                }
+                got
+            }) {
                 Ok(Some(n)) => break Some(n),
                 Ok(None) => {}
                 Err(_) => break None,
