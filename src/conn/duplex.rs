@@ -553,7 +553,13 @@ pub async fn forward(
 ) -> Step {
     let (src, dst): (&TcpStream, &TcpStream) = (from.as_ref(), to.as_ref());
     loop {
-        let ready = match src.ready(Interest::READABLE).await {
+        // ERROR with READABLE: the same wait (a socket with an error is
+        // readable anyway, as the read returns the error or, once that was
+        // taken, 0), and the answer says whether a reset came with the FIN,
+        // which looking separately would cost a waiter registered and
+        // removed again. The readiness cannot change between this wait and
+        // the read: the reactor turns on this thread, between polls.
+        let ready = match src.ready(Interest::READABLE | Interest::ERROR).await {
             Ok(ready) => ready,
             Err(e) => return Step::ReadError(e),
         };
@@ -562,12 +568,21 @@ pub async fn forward(
             let read = match read_some(src, &mut buf) {
                 Ok(Some(0)) => return Some(Step::Eof),
                 Ok(Some(n)) => n,
+                // The error readiness is never cleared: were there nothing
+                // to read and no error to take, the wait would return at
+                // once forever. A socket that reported an error ends here.
+                Ok(None) if ready.is_error() => {
+                    let e = src.take_error().ok().flatten();
+                    return Some(Step::ReadError(e.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::ConnectionReset, "socket error")
+                    })));
+                }
                 Ok(None) => return None,
                 Err(e) => return Some(Step::ReadError(e)),
             };
             let data = &buf[..read];
             inspect(data);
-            let last = read < buf.len() && ready.is_read_closed() && !has_error(src);
+            let last = read < buf.len() && ready.is_read_closed() && !ready.is_error();
             // With the FIN to follow at once (the caller's shutdown, or the
             // close), MSG_MORE lets the kernel put these bytes and the FIN
             // into one segment instead of two.
@@ -589,20 +604,6 @@ pub async fn forward(
         if let Some(step) = step {
             return step;
         }
-    }
-}
-
-/// Whether the reactor has seen an error on `s` (EPOLLERR: a reset, say),
-/// without waiting for one. The error readiness is only looked at, never
-/// waited on: it is not cleared by reads, so a wait on it could return at
-/// once forever.
-fn has_error(s: &TcpStream) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let error = std::pin::pin!(s.ready(Interest::ERROR));
-    match std::future::Future::poll(error, &mut cx) {
-        std::task::Poll::Ready(Ok(ready)) => ready.is_error(),
-        std::task::Poll::Ready(Err(_)) => true,
-        std::task::Poll::Pending => false,
     }
 }
 
