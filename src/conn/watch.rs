@@ -8,6 +8,12 @@
 //! phase's loop goes round once per read) registered and removed both every
 //! time: a lock on the worker's timer wheel and two on the token, each way.
 //!
+//! Polling the token's waiter again costs two locks (the token's own, then
+//! its waiter list's), and a connection's task polls its watch on every
+//! wake-up. So the waiter is registered with a waker of the watch's own,
+//! which notes that it was woken before it wakes the task: until then, a
+//! poll with the same task's waker need not look at the token at all.
+//!
 //! A deadline that moves later (the idle deadline, with every byte) leaves
 //! the timer where it is: when the timer fires before the deadline, it is
 //! set again then. A short connection so only ever arms its connect
@@ -15,7 +21,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -48,6 +56,27 @@ pin_project! {
         drain: WaitForCancellationFuture<'a>,
         // The deadline (None: a timeout set to none).
         deadline: Option<Instant>,
+        // The waker `drain` was last polled with (None: not yet polled).
+        registered: Option<Arc<Flagged>>,
+    }
+}
+
+/// A task's waker that notes it was woken: the token's waiter holds it, so
+/// while it is not woken, the token was not cancelled.
+struct Flagged {
+    woken: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Flagged {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Before the task's wake: the poll it leads to must see the flag.
+        self.woken.store(true, Ordering::Release);
+        self.task.wake_by_ref();
     }
 }
 
@@ -58,6 +87,7 @@ impl<'a> Watch<'a> {
             timer: tokio::time::sleep_until(Instant::now() + NEVER),
             drain: drain.cancelled(),
             deadline: None,
+            registered: None,
         }
     }
 
@@ -88,9 +118,18 @@ impl Future for Watch<'_> {
                 this.timer.as_mut().reset(deadline);
             }
         }
-        if this.drain.poll(cx).is_ready() {
+        if let Some(flagged) = this.registered.as_ref() {
+            if !flagged.woken.load(Ordering::Acquire) && flagged.task.will_wake(cx.waker()) {
+                // Registered for this task, and not woken since.
+                return Poll::Pending;
+            }
+        }
+        let flagged = Arc::new(Flagged { woken: AtomicBool::new(false), task: cx.waker().clone() });
+        let waker = Waker::from(Arc::clone(&flagged));
+        if this.drain.poll(&mut Context::from_waker(&waker)).is_ready() {
             return Poll::Ready(Alarm::Drain);
         }
+        *this.registered = Some(flagged);
         Poll::Pending
     }
 }
@@ -140,5 +179,27 @@ mod tests {
         assert_eq!(Instant::now(), start + Duration::from_secs(7));
         // It stays drained.
         assert_eq!(watch.as_mut().await, Alarm::Drain);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_wakes_whichever_task_polled_last() {
+        let token = CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
+        // Polled first with a waker that wakes nothing, then many times by
+        // this task: the drain must wake this task.
+        let mut noop = Context::from_waker(Waker::noop());
+        assert!(watch.as_mut().poll(&mut noop).is_pending());
+        let waited = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
+        assert!(waited.is_err(), "fired without a drain or a deadline");
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            cancel.cancel();
+        });
+        let start = Instant::now();
+        let drained = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
+        assert_eq!(drained, Ok(Alarm::Drain));
+        assert_eq!(Instant::now(), start + Duration::from_secs(7), "not woken by the drain");
+        assert!(watch.as_mut().poll(&mut noop).is_ready(), "a drained watch stays drained");
     }
 }
