@@ -182,6 +182,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_deadline_wakes_whichever_task_polled_last() {
+        let token = CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
+        let start = Instant::now();
+        watch.as_mut().set(Some(start + Duration::from_secs(10)));
+        let mut noop = Context::from_waker(Waker::noop());
+        assert!(watch.as_mut().poll(&mut noop).is_pending());
+        let waited = tokio::time::timeout(Duration::from_secs(3), watch.as_mut()).await;
+        assert!(waited.is_err(), "fired before its deadline");
+        let fired = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
+        assert_eq!(fired, Ok(Alarm::Deadline));
+        assert_eq!(Instant::now(), start + Duration::from_secs(10), "not woken by the timer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_set_after_the_first_wait_fires() {
+        let token = CancellationToken::new();
+        let mut watch = std::pin::pin!(Watch::new(&token));
+        let waited = tokio::time::timeout(Duration::from_secs(3), watch.as_mut()).await;
+        assert!(waited.is_err(), "fired without a deadline");
+        let start = Instant::now();
+        watch.as_mut().set(Some(start + Duration::from_secs(5)));
+        let fired = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
+        assert_eq!(fired, Ok(Alarm::Deadline));
+        assert_eq!(Instant::now(), start + Duration::from_secs(5));
+        // Earlier than the timer, once it waits again.
+        watch.as_mut().set(Some(start + Duration::from_secs(600)));
+        let waited = tokio::time::timeout(Duration::from_secs(3), watch.as_mut()).await;
+        assert!(waited.is_err(), "fired before its deadline");
+        watch.as_mut().set(Some(start + Duration::from_secs(20)));
+        let fired = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
+        assert_eq!(fired, Ok(Alarm::Deadline));
+        assert_eq!(Instant::now(), start + Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_drain_wakes_whichever_task_polled_last() {
         let token = CancellationToken::new();
         let mut watch = std::pin::pin!(Watch::new(&token));
