@@ -72,19 +72,9 @@ pub async fn read_by(stream: &TcpStream, buf: &mut [u8], deadline: Instant) -> O
 pub fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     use rustix::net::{recv, RecvFlags};
     let room = buf.len();
-    read_clearing(src, room, || recv(src, &mut *buf, RecvFlags::empty()).map(|(n, _)| n))
-}
-
-/// Runs `recv` (a read of at most `room` bytes) as tokio's `try_io`, and
-/// takes a short read for the WouldBlock that clears the readiness.
-fn read_clearing(
-    src: &TcpStream,
-    room: usize,
-    mut recv: impl FnMut() -> rustix::io::Result<usize>,
-) -> io::Result<Option<usize>> {
     let mut got = 0;
     let r = src.try_io(tokio::io::Interest::READABLE, || {
-        let n = recv()?;
+        let (n, _) = recv(src, &mut *buf, RecvFlags::empty())?;
         got = n;
         if n > 0 && n < room {
             Err(io::ErrorKind::WouldBlock.into())
@@ -98,6 +88,23 @@ fn read_clearing(
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Size of each worker thread's read buffer.
+pub const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every connection on it
+    /// (the byte pump, the route phase): a connection owns a buffer only
+    /// while its destination is slow.
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Runs `f` on this thread's [`SCRATCH`]-byte read buffer, which holds
+/// nothing between calls.
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with_borrow_mut(|buf| f(buf))
 }
 
 /// Writes all of `data` to `to`, waiting for writability (backpressure).

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::{SpliceMode, Timeouts};
 use crate::conn::pipe::{Pipe, PIPE_SIZE};
 use crate::conn::watch::{Alarm, Watch};
-use crate::io::{read_some, reset_on_close};
+use crate::io::{read_some, reset_on_close, with_scratch, SCRATCH};
 
 /// How a spliced connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,16 +522,6 @@ pub enum Step {
     },
 }
 
-/// Size of each worker thread's scratch buffer.
-const SCRATCH: usize = 64 * 1024;
-
-thread_local! {
-    /// One read buffer per worker thread, shared by every connection on it:
-    /// a connection owns a buffer only while its destination is slow.
-    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
-
 /// Waits until `from` has bytes (or EOF), reads them (up to 64 KiB) into the
 /// thread's scratch buffer and writes them to `to` at once; whatever `to`
 /// does not take is appended to `pending` for the caller to write. `inspect`
@@ -563,9 +553,8 @@ pub async fn forward(
             Ok(ready) => ready,
             Err(e) => return Step::ReadError(e),
         };
-        let step = SCRATCH_BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let read = match read_some(src, &mut buf) {
+        let step = with_scratch(|buf| {
+            let read = match read_some(src, buf) {
                 Ok(Some(0)) => return Some(Step::Eof),
                 Ok(Some(n)) => n,
                 // The error readiness is never cleared: were there nothing

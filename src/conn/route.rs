@@ -6,7 +6,6 @@
 //! readiness, and a client that sends nothing more is simply not read again
 //! until it does or the deadline passes.
 
-use std::cell::RefCell;
 use std::pin::Pin;
 
 use tokio::net::TcpStream;
@@ -15,7 +14,7 @@ use crate::config::route::{self, RouteConfig};
 use crate::conn::http::{self, Sniff};
 use crate::conn::tls::{self, Hello};
 use crate::conn::watch::{Alarm, Watch};
-use crate::io::read_some;
+use crate::io::{read_some, with_scratch};
 
 /// Most bytes read to decide: a ClientHello of many extensions, or a
 /// request head with large cookies.
@@ -24,12 +23,6 @@ pub const LIMIT: usize = tls::MAX_HELLO;
 /// Most bytes one read takes: a whole ClientHello, or a request head,
 /// nearly always.
 const READ: usize = 4096;
-
-thread_local! {
-    /// What one read of a client's first bytes goes into, kept between the
-    /// connections of a worker.
-    static SCRATCH: RefCell<Box<[u8; READ]>> = RefCell::new(Box::new([0; READ]));
-}
 
 /// What the client's first bytes said, and where they go.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -89,7 +82,7 @@ pub async fn choose(
             // where a buffer of READ bytes bypasses it. A short read clears
             // the readiness, so the byte pump's first read after a whole
             // ClientHello waits instead of failing.
-            match SCRATCH.with_borrow_mut(|scratch| {
+            match with_scratch(|scratch| {
                 let got = read_some(client, &mut scratch[..room]);
                 if let Ok(Some(n)) = got {
                     early.extend_from_slice(&scratch[..n]);

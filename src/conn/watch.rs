@@ -139,6 +139,15 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Cancels `token` after `delay`, from another task.
+    fn cancel_after(token: &CancellationToken, delay: Duration) {
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            cancel.cancel();
+        });
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_deadline_fires_and_can_be_moved_either_way() {
         let token = CancellationToken::new();
@@ -169,11 +178,7 @@ mod tests {
         watch.as_mut().set(None);
         let waited = tokio::time::timeout(Duration::from_secs(3600), watch.as_mut()).await;
         assert!(waited.is_err(), "a watch without a deadline fired");
-        let cancel = token.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(7)).await;
-            cancel.cancel();
-        });
+        cancel_after(&token, Duration::from_secs(7));
         let start = Instant::now();
         assert_eq!(watch.as_mut().await, Alarm::Drain);
         assert_eq!(Instant::now(), start + Duration::from_secs(7));
@@ -227,11 +232,7 @@ mod tests {
         assert!(watch.as_mut().poll(&mut noop).is_pending());
         let waited = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
         assert!(waited.is_err(), "fired without a drain or a deadline");
-        let cancel = token.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(7)).await;
-            cancel.cancel();
-        });
+        cancel_after(&token, Duration::from_secs(7));
         let start = Instant::now();
         let drained = tokio::time::timeout(Duration::from_secs(60), watch.as_mut()).await;
         assert_eq!(drained, Ok(Alarm::Drain));
