@@ -14,6 +14,7 @@
 #   TOGETHER=1 ROUNDS=40 bench/ab.sh A B   # both stay up, 2 s rounds
 #   WORKLOAD=tls bench/ab.sh nginx target/release/tcplb   # new TLS connections routed by SNI
 #   TCPLB_AS_SHIPPED=1 bench/ab.sh A B   # tcplb with its defaults (auto, access log), not tuned
+#   TOGETHER=1 bench/ab.sh tuned:target/release/tcplb shipped:target/release/tcplb   # defaults over tuned
 #   TOGETHER=1 bench/ab.sh floor target/release/tcplb   # against bench/floor, the least a tokio relay does
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
@@ -33,6 +34,10 @@
 # instead of two proxy starts ~15 s apart, so a pair is measured in the same
 # phase of the shared machine's load (which here changes every few rounds by
 # up to 30%). Only the loaded proxy uses CPU; the idle one sleeps in epoll.
+#
+# A tcplb binary may be prefixed `shipped:` (its own defaults) or `tuned:`
+# (tcplb_defaults' tuning), which sets TCPLB_AS_SHIPPED for that side alone:
+# the same build against itself measures what its defaults cost.
 #
 # Prints, per round, for A and B: req/s, the proxy's CPU µs per request (user
 # + system from /proc) and the whole machine's (client and backends too: what
@@ -55,8 +60,20 @@ case $WORKLOAD in
 esac
 WORKERS=${WORKERS:-$(nproc)}
 URL_PATH=${URL_PATH:-/}
-for bin in "$A" "$B"; do
-    require_lb "$bin"
+# The binary of a side, without its `shipped:` or `tuned:`.
+bin_of() { # WHO
+    case $1 in shipped:* | tuned:*) echo "${1#*:}" ;; *) echo "$1" ;; esac
+}
+# TCPLB_AS_SHIPPED for a side: its prefix's, or the one given for both.
+shipped_of() { # WHO
+    case $1 in shipped:*) echo 1 ;; tuned:*) echo 0 ;; *) echo "${TCPLB_AS_SHIPPED:-0}" ;; esac
+}
+# start_lb for a side, with its own TCPLB_AS_SHIPPED.
+start_side() { # DIR WHO PORT
+    TCPLB_AS_SHIPPED=$(shipped_of "$2") start_lb "$1" "$(bin_of "$2")" "$WORKERS" "$3" $B1 $B2
+}
+for side in "$A" "$B"; do
+    require_lb "$(bin_of "$side")"
 done
 for tool in nginx wrk; do
     command -v $tool >/dev/null || { echo "ab.sh: needs $tool (bench/compare.sh installs it)" >&2; exit 2; }
@@ -65,7 +82,7 @@ done
 one_lb_setup ab
 if [ "$WORKLOAD" = tls ]; then tls_workload_setup; fi
 one() { # tcplb binary, nginx or haproxy -> "req/s proxy-CPU machine-CPU p99"
-    lb_run "$WORK" "$1" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
+    TCPLB_AS_SHIPPED=$(shipped_of "$1") lb_run "$WORK" "$(bin_of "$1")" "$WORKERS" "$HEADER" "$URL_PATH" "$DURATION"
 }
 if [ "$TOGETHER" = 1 ]; then
     [ "$A" != "$B" ] || { echo "ab.sh: TOGETHER=1 needs two different proxies" >&2; exit 2; }
@@ -74,8 +91,8 @@ if [ "$TOGETHER" = 1 ]; then
     require_free_ports $LB_B
     mkdir -p "$WORK/a" "$WORK/b"
     trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
-    start_lb "$WORK/a" "$A" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
-    start_lb "$WORK/b" "$B" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
+    start_side "$WORK/a" "$A" $LB; PIDS_A=$LB_PIDS
+    start_side "$WORK/b" "$B" $LB_B; PIDS_B=$LB_PIDS
     for port in $LB $LB_B; do wrk -t1 -c50 -d1 -H "$HEADER" "$URL_BASE$port$URL_PATH" >/dev/null; done
     one() { # A or B (already running) -> "req/s proxy-CPU machine-CPU p99"
         local port=$LB pids=$PIDS_A r p99 cpu mach

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Instructions a connection in one or two tcplb builds, counted by
 # valgrind's callgrind while wrk carries connections through them
-# (conn-close, or WORKLOAD=tls: compare.sh's TLS-by-SNI workload). Counts,
+# (conn-close, or WORKLOAD=tls: compare.sh's TLS-by-SNI workload; or
+# instructions a request with WORKLOAD=keep-alive, on CONNS connections
+# that wrk keeps open). Counts,
 # not times: they do not move with the shared machine's load, so a change
 # of a few hundred instructions a connection (1%) shows where a CPU A/B of
 # many rounds cannot. They count user space only (not the kernel's work for
@@ -14,6 +16,7 @@
 #   bench/instructions.sh target/release/tcplb              # tcplb as shipped (its defaults)
 #   bench/instructions.sh /tmp/tcplb-before target/release/tcplb   # two builds, rounds alternating
 #   WORKLOAD=tls bench/instructions.sh target/release/tcplb
+#   WORKLOAD=keep-alive bench/instructions.sh target/release/tcplb
 #   TOP=40 bench/instructions.sh target/release/tcplb       # more functions in the profile
 #
 # ROUNDS (default 3) runs of DURATION seconds (default 5) with CONNS
@@ -33,10 +36,14 @@ DURATION=${DURATION:-5}
 CONNS=${CONNS:-8}
 TOP=${TOP:-25}
 URL_BASE=http://127.0.0.1:
+# wrk's header for each request: none on keep-alive.
+CLOSE=(-H "Connection: close")
+UNIT=connection
 case ${WORKLOAD:=close} in
     close) ;;
     tls) URL_BASE=https://localhost: ;;
-    *) echo "instructions.sh: WORKLOAD must be close or tls, not '$WORKLOAD'" >&2; exit 2 ;;
+    keep-alive) CLOSE=() UNIT=request ;;
+    *) echo "instructions.sh: WORKLOAD must be close, tls or keep-alive, not '$WORKLOAD'" >&2; exit 2 ;;
 esac
 for tool in valgrind callgrind_control callgrind_annotate nginx wrk; do
     command -v $tool >/dev/null || { echo "instructions.sh: needs $tool (Debian: valgrind, nginx, wrk)" >&2; exit 2; }
@@ -70,9 +77,9 @@ measure() { # BIN OUT
         (exec 3<>/dev/tcp/127.0.0.1/$LB) 2>/dev/null && break
         sleep 0.2
     done
-    wrk -t1 -c"$CONNS" -d2 -H "Connection: close" "$URL_BASE$LB/" >/dev/null
+    wrk -t1 -c"$CONNS" -d2 "${CLOSE[@]}" "$URL_BASE$LB/" >/dev/null
     callgrind_control -z "$LB_PID" >/dev/null 2>&1
-    n=$(wrk -t1 -c"$CONNS" -d"$DURATION" -H "Connection: close" "$URL_BASE$LB/" | awk '/requests in/ {print $1}')
+    n=$(wrk -t1 -c"$CONNS" -d"$DURATION" "${CLOSE[@]}" "$URL_BASE$LB/" | awk '/requests in/ {print $1}')
     callgrind_control -d "$LB_PID" >/dev/null 2>&1
     stop_lb "$WORK"
     ir=$(total "$out.1")
@@ -86,10 +93,10 @@ measure() { # BIN OUT
 # their own instructions (without the threads' entry points, which callgrind
 # lists with everything under them).
 profile() { # FILE N
-    echo "tcplb's functions, instructions a connection with what they call:"
+    echo "tcplb's functions, instructions a $UNIT with what they call:"
     callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null |
         awk -v n="$2" -v top="$TOP" '/ \?\?\?:tcplb::/ && c < top { v = $1; gsub(",", "", v); sub(/^ *[0-9,]+ *(\([^)]*\))? */, ""); sub(/ \[.*/, ""); printf "%8.0f  %s\n", v / n, $0; c++ }'
-    echo "all functions, their own instructions a connection:"
+    echo "all functions, their own instructions a $UNIT:"
     callgrind_annotate --threshold=100 "$1" 2>/dev/null |
         awk -v n="$2" -v top="$TOP" -v all="$(total "$1")" '/^ *[0-9,]+ .*:/ && !/PROGRAM TOTALS/ && c < top { t = $1; gsub(",", "", t); if (t + 0 > all / 2) next; v = $1; gsub(",", "", v); sub(/^ *[0-9,]+ *(\([^)]*\))? */, ""); sub(/ \[.*/, ""); printf "%8.0f  %s\n", v / n, $0; c++ }'
 }
@@ -101,14 +108,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for i in "${ORDER[@]}"; do
         c=$(measure "${BINS[$i]}" "$WORK/cg.$i")
         COUNTS[$i]="${COUNTS[$i]:-} $c"
-        echo "round $r: ${BINS[$i]}: $c instructions a connection"
+        echo "round $r: ${BINS[$i]}: $c instructions a $UNIT"
     done
 done
 echo
 median() { tr ' ' '\n' | awk 'NF' | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 for i in "${!BINS[@]}"; do
     m=$(echo "${COUNTS[$i]}" | median)
-    echo "${BINS[$i]} ($WORKLOAD): median $m instructions a connection over $ROUNDS rounds (${COUNTS[$i]# })"
+    echo "${BINS[$i]} ($WORKLOAD): median $m instructions a $UNIT over $ROUNDS rounds (${COUNTS[$i]# })"
     [ "$i" = 0 ] && M0=$m
 done
 [ ${#BINS[@]} = 2 ] && awk -v a="$M0" -v b="$(echo "${COUNTS[1]}" | median)" 'BEGIN { printf "B/A: %.3fx\n", b / a }'
