@@ -90,7 +90,9 @@ if [ "$TOGETHER" = 1 ]; then
     LB_B=$((LB + 1))
     require_free_ports $LB_B
     mkdir -p "$WORK/a" "$WORK/b"
-    trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; [ -f "$WORK/nginx-tls.pid" ] && kill "$(cat "$WORK/nginx-tls.pid")"; one_lb_cleanup' EXIT
+    # one_lb_cleanup stops the backends (TLS too): killing the TLS one here as
+    # well raced its own removal of its pid file.
+    trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; one_lb_cleanup' EXIT
     start_side "$WORK/a" "$A" $LB; PIDS_A=$LB_PIDS
     start_side "$WORK/b" "$B" $LB_B; PIDS_B=$LB_PIDS
     for port in $LB $LB_B; do wrk -t1 -c50 -d1 -H "$HEADER" "$URL_BASE$port$URL_PATH" >/dev/null; done
