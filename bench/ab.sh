@@ -111,30 +111,16 @@ for i in $(seq 1 "$ROUNDS"); do
     if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi
     echo "$i $a $b" | tee -a "$WORK/rounds"
 done
-python3 - "$WORK/rounds" <<'PY'
-import math, statistics, sys
+PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" <<'PY'
+import math, sys
+from median import show
 rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
 rows = [r for r in rows if r[0] > 0 and r[4] > 0 and not math.isnan(sum(r))]
 if not rows:
     sys.exit("ab.sh: no round measured anything")
 def ratios(i):
     return [r[4 + i] / r[i] for r in rows]
-def ci(xs):
-    # Distribution-free 95% interval of the median: the order statistics
-    # whose ranks bound it (binomial, p = 1/2); None for fewer than 6 rounds.
-    xs, n = sorted(xs), len(xs)
-    cdf, k, total = 0.0, 0, 2.0 ** n
-    while k < n:
-        cdf += math.comb(n, k) / total
-        if cdf > 0.025:
-            break
-        k += 1
-    return (xs[k - 1], xs[n - k]) if k >= 1 else None
-def show(i):
-    xs = ratios(i)
-    lo_hi = ci(xs)
-    return f"{statistics.median(xs):.3f}x" + (f" [{lo_hi[0]:.3f}-{lo_hi[1]:.3f}]" if lo_hi else "")
 print(f"B/A over {len(rows)} rounds (medians of per-round ratios, [95% interval of the median]): "
-      f"req/s {show(0)}, proxy CPU per request {show(1)}, machine CPU per request {show(2)}, "
-      f"p99 latency {show(3)} (CPU and latency < 1: B is cheaper or faster)")
+      f"req/s {show(ratios(0))}, proxy CPU per request {show(ratios(1))}, machine CPU per request {show(ratios(2))}, "
+      f"p99 latency {show(ratios(3))} (CPU and latency < 1: B is cheaper or faster)")
 PY

@@ -38,19 +38,7 @@ cleanup() {
 trap cleanup EXIT
 iperf3 -s -p $SERVER -D --pidfile "$WORK/iperf.pid"
 # No health checks: a tcp probe holds iperf3's one client slot meanwhile.
-cat > "$WORK/defaults.toml" <<CONF
-[[listener]]
-name = "bulk"
-listen = "127.0.0.1:$DEFAULTS"
-upstreams = ["127.0.0.1:$SERVER"]
-[listener.health]
-check = "none"
-CONF
-sed "s/$DEFAULTS/$TUNED/; 1i [defaults]\nprotocol = \"tcp\"\naccess_log = false" "$WORK/defaults.toml" > "$WORK/tuned.toml"
-# Sessions of their own, as compare.sh starts every proxy.
-setsid "$BIN" --config "$WORK/defaults.toml" 2>"$WORK/defaults.log" & PIDS+=($!); PID_D=$!
-setsid "$BIN" --config "$WORK/tuned.toml" --log-level warn 2>/dev/null & PIDS+=($!); PID_T=$!
-sleep 1
+start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED bulk $'[listener.health]\ncheck = "none"\n'
 one() { # NAME PID PORT -> "NAME Gbit/s bytes cpu-ms"
     local c0 c1 out
     c0=$(cpu_ticks "$2")

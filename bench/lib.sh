@@ -82,6 +82,22 @@ tcplb_defaults() {
     printf '[defaults]\nprotocol = "tcp"\naccess_log = false\n'
 }
 
+# For the scripts that measure tcplb's defaults against its tuning
+# (bulk_defaults.sh, redis_defaults.sh): starts BIN twice in front of
+# 127.0.0.1:SERVER, with its defaults on DEFAULTS and tuned (tcplb_defaults,
+# log level warn) on TUNED, each in a session of its own as compare.sh
+# starts every proxy. LINES: more lines for the listener. Sets PID_D and
+# PID_T and adds both to PIDS (for the caller's cleanup).
+start_defaults_and_tuned() { # WORK BIN SERVER DEFAULTS TUNED NAME [LINES]
+    local work=$1 bin=$2 server=$3 defaults=$4 tuned=$5 name=$6 lines=${7:-}
+    printf '[[listener]]\nname = "%s"\nlisten = "127.0.0.1:%s"\nupstreams = ["127.0.0.1:%s"]\n%s' \
+        "$name" "$defaults" "$server" "$lines" > "$work/defaults.toml"
+    { tcplb_defaults; sed "s/$defaults/$tuned/" "$work/defaults.toml"; } > "$work/tuned.toml"
+    setsid "$bin" --config "$work/defaults.toml" 2>"$work/defaults.log" & PIDS+=($!); PID_D=$!
+    setsid "$bin" --config "$work/tuned.toml" --log-level warn 2>/dev/null & PIDS+=($!); PID_T=$!
+    sleep 1
+}
+
 # bench/floor's relay (built on first use by require_lb): the least a tokio
 # proxy does per connection, no routing, no log (docs/benchmarks.md).
 FLOOR_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/floor

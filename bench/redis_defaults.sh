@@ -34,17 +34,7 @@ cleanup() {
 trap cleanup EXIT
 redis-server --port $SERVER --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
-cat > "$WORK/defaults.toml" <<CONF
-[[listener]]
-name = "redis"
-listen = "127.0.0.1:$DEFAULTS"
-upstreams = ["127.0.0.1:$SERVER"]
-CONF
-sed "s/$DEFAULTS/$TUNED/; 1i [defaults]\nprotocol = \"tcp\"\naccess_log = false" "$WORK/defaults.toml" > "$WORK/tuned.toml"
-# Sessions of their own, as compare.sh starts every proxy.
-setsid "$BIN" --config "$WORK/defaults.toml" 2>"$WORK/defaults.log" & PIDS+=($!); PID_D=$!
-setsid "$BIN" --config "$WORK/tuned.toml" --log-level warn 2>/dev/null & PIDS+=($!); PID_T=$!
-sleep 1
+start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED redis
 one() { # PID PORT -> "SET-req/s GET-req/s cpu-ticks"
     local c0 c1 out
     c0=$(cpu_ticks "$1")
@@ -60,23 +50,12 @@ for i in $(seq 1 "$ROUNDS"); do
     else t=$(one $PID_T $TUNED); d=$(one $PID_D $DEFAULTS); fi
     echo "$i $d $t" | tee -a "$WORK/rounds"
 done
-python3 - "$WORK/rounds" <<'PY'
-import math, statistics, sys
+PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" <<'PY'
+import sys
+from median import show
 rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
-def ci(xs):
-    # Distribution-free 95% interval of the median, as in ab.sh.
-    xs, n = sorted(xs), len(xs)
-    cdf, k = 0.0, 0
-    while k < n:
-        cdf += math.comb(n, k) / 2.0 ** n
-        if cdf > 0.025:
-            break
-        k += 1
-    return (xs[k - 1], xs[n - k]) if k >= 1 else None
-def show(i):
-    xs = [r[i] / r[i + 3] for r in rows]
-    lo_hi = ci(xs)
-    return f"{statistics.median(xs):.3f}x" + (f" [{lo_hi[0]:.3f}-{lo_hi[1]:.3f}]" if lo_hi else "")
+def ratios(i):
+    return [r[i] / r[i + 3] for r in rows]
 print(f"defaults / tuned over {len(rows)} rounds (medians of per-round ratios, [95% interval]): "
-      f"SET req/s {show(0)}, GET req/s {show(1)}, proxy CPU for the same requests {show(2)}")
+      f"SET req/s {show(ratios(0))}, GET req/s {show(ratios(1))}, proxy CPU for the same requests {show(ratios(2))}")
 PY

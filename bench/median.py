@@ -1,0 +1,22 @@
+"""The median of per-round ratios and its 95% interval, for the bench scripts."""
+import math
+import statistics
+
+
+def ci(xs):
+    """Distribution-free 95% interval of the median: the order statistics
+    whose ranks bound it (binomial, p = 1/2); None for fewer than 6 rounds."""
+    xs, n = sorted(xs), len(xs)
+    cdf, k, total = 0.0, 0, 2.0 ** n
+    while k < n:
+        cdf += math.comb(n, k) / total
+        if cdf > 0.025:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else None
+
+
+def show(xs):
+    """`1.012x [0.990-1.034]`: the median, then its interval when there is one."""
+    lo_hi = ci(xs)
+    return f"{statistics.median(xs):.3f}x" + (f" [{lo_hi[0]:.3f}-{lo_hi[1]:.3f}]" if lo_hi else "")
