@@ -321,9 +321,8 @@ impl tcplb::metrics::Source for NoServices {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_token_file_over_http() {
     let (a, _) = tag_backend("A").await;
-    let dir = std::env::temp_dir().join(format!("tcplb-admin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let token = dir.join("token");
+    let dir = tempdir("admin");
+    let token = dir.path().join("token");
     std::fs::write(&token, "tok-123\n").unwrap();
     let mut c = Config::single(listener(&[a]));
     c.admin = Some(AdminConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: Some(token) });

@@ -196,10 +196,11 @@ async fn tls_check_against_openssl_servers() {
     if skip_without(have_openssl(), "openssl", "tls_check_against_openssl_servers") {
         return;
     }
-    let dir = tempdir("tls-check");
-    make_cert(&dir, "api.example.com");
-    let (_any, any) = s_server(&dir, "api.example.com", &[]);
-    let (_v13, v13) = s_server(&dir, "api.example.com", &["-tls1_3"]);
+    let tmp = tempdir("tls-check");
+    let dir = tmp.path();
+    make_cert(dir, "api.example.com");
+    let (_any, any) = s_server(dir, "api.example.com", &[]);
+    let (_v13, v13) = s_server(dir, "api.example.com", &["-tls1_3"]);
     let mut l = listener(&[any, v13, closer().await, web().await]);
     l.health = checked(HealthCheck::Tls);
     l.health.sni = Some("api.example.com".into());
@@ -279,10 +280,18 @@ fn postgres_bin() -> Option<std::path::PathBuf> {
     found.pop()
 }
 
+/// A running PostgreSQL: stopped first, then its directory removed (fields
+/// drop in order).
+struct Postgres {
+    _server: Proc,
+    _dir: tempfile::TempDir,
+}
+
 /// A fresh PostgreSQL cluster on a free loopback port. PostgreSQL will not
 /// run as root: as root, it runs as the `postgres` user the package made.
-fn start_postgres(bin: &std::path::Path) -> (Proc, SocketAddr) {
-    let dir = tempdir("pg");
+fn start_postgres(bin: &std::path::Path) -> (Postgres, SocketAddr) {
+    let tmp = tempdir("pg");
+    let dir = tmp.path();
     let data = dir.join("data");
     let as_root = running_as_root();
     let run = |program: &str| {
@@ -297,8 +306,7 @@ fn start_postgres(bin: &std::path::Path) -> (Proc, SocketAddr) {
         c
     };
     if as_root {
-        let ok =
-            Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap();
+        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status().unwrap();
         assert!(ok.success());
     }
     let ok = run("initdb")
@@ -314,14 +322,14 @@ fn start_postgres(bin: &std::path::Path) -> (Proc, SocketAddr) {
         .arg("-D")
         .arg(&data)
         .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-        .arg(&dir)
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_accepting(addr, "postgres");
-    (Proc(child), addr)
+    (Postgres { _server: Proc(child), _dir: tmp }, addr)
 }
 
 fn running_as_root() -> bool {

@@ -334,7 +334,8 @@ fn upgrade_in_place_a_second_instance_takes_over_the_port() {
 async fn command_line_flags_over_a_config_file_survive_a_reload() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = common::thread_echo_server();
-    let path = std::env::temp_dir().join(format!("tcplb-overrides-{}.toml", std::process::id()));
+    let dir = common::tempdir("overrides");
+    let path = dir.path().join("tcplb.toml");
     std::fs::write(
         &path,
         format!(
@@ -378,5 +379,4 @@ async fn command_line_flags_over_a_config_file_survive_a_reload() {
         .sum();
     assert_eq!(spread, 24.0, "every held connection is counted on a worker");
     drop((held, child));
-    let _ = std::fs::remove_file(&path);
 }

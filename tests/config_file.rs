@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcplb");
 
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tcplb-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// `text` in a file `name` of a directory of its own, removed when the
+/// directory is dropped.
+fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = common::tempdir("test");
+    let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
@@ -33,7 +34,7 @@ fn the_annotated_example_passes_check() {
 #[test]
 fn check_resolves_reads_and_finds_clashes_without_binding() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let path = temp_file(
+    let (_dir, path) = temp_file(
         "preflight.toml",
         &format!(
             "[admin]\nlisten = \"{taken}\"\ntoken_file = \"/nonexistent/token\"\n\
@@ -55,7 +56,7 @@ fn check_resolves_reads_and_finds_clashes_without_binding() {
 /// did-you-mean; an upstream table is a table, not a string in disguise.
 #[test]
 fn check_lists_every_unknown_key_and_wrong_type_in_line_order() {
-    let path = temp_file(
+    let (_dir, path) = temp_file(
         "shape.toml",
         "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstreams = [\"127.0.0.1:1\"]\n\
          conect_timeout = \"1s\"\nconnect_attempts = \"3\"\n[listener.health]\nrize = 2\n",
@@ -80,7 +81,7 @@ fn check_lists_every_unknown_key_and_wrong_type_in_line_order() {
         "{stderr}"
     );
 
-    let path = temp_file(
+    let (_dir, path) = temp_file(
         "table.toml",
         "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n\
          upstreams = [{ address = \"127.0.0.1:9011,backup,weight=7\" }]\n",
@@ -94,7 +95,7 @@ fn check_lists_every_unknown_key_and_wrong_type_in_line_order() {
 
 #[test]
 fn check_prints_every_problem_with_its_position() {
-    let path = temp_file(
+    let (_dir, path) = temp_file(
         "bad.toml",
         "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"b:1,weight=0\"]\nstrategy = \"fastest\"\n[listener.health]\nfall = 0\n",
     );
@@ -111,14 +112,15 @@ fn check_prints_every_problem_with_its_position() {
 
 #[test]
 fn unknown_key_and_syntax_error() {
-    let path = temp_file("unknown.toml", "[[listener]]\nname = \"a\"\nlistn = \"127.0.0.1:1\"\n");
+    let (_dir, path) =
+        temp_file("unknown.toml", "[[listener]]\nname = \"a\"\nlistn = \"127.0.0.1:1\"\n");
     let out =
         Command::new(BIN).args(["--config", path.to_str().unwrap(), "--check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(":3:1:") && stderr.contains("listn"), "{stderr}");
 
-    let path = temp_file("syntax.toml", "[[listener]\n");
+    let (_dir, path) = temp_file("syntax.toml", "[[listener]\n");
     let out = Command::new(BIN).args(["--config", path.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":1:"));
@@ -166,7 +168,7 @@ fn sighup_reloads_and_an_invalid_file_keeps_the_old_config() {
     let a = tag_server(b"A");
     let b = tag_server(b"B");
     let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let path = temp_file("hup.toml", &listener_file(addr, a));
+    let (_dir, path) = temp_file("hup.toml", &listener_file(addr, a));
     let (child, rx) = spawn_logged(
         Command::new(BIN).args(["--config", path.to_str().unwrap()]).env_remove("RUST_LOG"),
     );

@@ -4,6 +4,8 @@
 //! named port a manifest uses is defined in the same block. Skipped loudly
 //! without kubernetes-validate, except in CI.
 
+mod common;
+
 use std::process::Command;
 
 /// The ```yaml blocks of the page.
@@ -63,8 +65,8 @@ fn the_kubernetes_manifests_validate_and_reference_what_they_define() {
     }
     let blocks = yaml_blocks();
     assert!(blocks.len() >= 2, "the Deployment and the sidecar manifests");
-    let dir = std::env::temp_dir().join(format!("tcplb-k8s-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::tempdir("k8s");
+    let dir = tmp.path();
     for (i, block) in blocks.iter().enumerate() {
         let path = dir.join(format!("block{i}.yaml"));
         std::fs::write(&path, block).unwrap();

@@ -82,13 +82,15 @@ fn skip() -> bool {
     !ok
 }
 
-/// Three TLS backends, each showing the certificate of one of [`NAMES`].
+/// Three TLS backends, each showing the certificate of one of [`NAMES`]
+/// (read when they start: their directory goes when this returns).
 fn tls_backends(what: &str) -> (Vec<Proc>, Vec<SocketAddr>) {
-    let dir = tempdir(what);
+    let tmp = tempdir(what);
+    let dir = tmp.path();
     let (mut procs, mut addrs) = (Vec::new(), Vec::new());
     for name in NAMES {
-        make_cert(&dir, name);
-        let (p, a) = s_server(&dir, name, &["-alpn", "h2,http/1.1"]);
+        make_cert(dir, name);
+        let (p, a) = s_server(dir, name, &["-alpn", "h2,http/1.1"]);
         procs.push(p);
         addrs.push(a);
     }

@@ -43,11 +43,12 @@ async fn a_download_over_tls_routed_by_sni_is_spliced() {
         return;
     }
     const SIZE: usize = 8 << 20;
-    let dir = tempdir("splice-tls");
-    make_cert(&dir, "files.example.com");
+    let tmp = tempdir("splice-tls");
+    let dir = tmp.path();
+    make_cert(dir, "files.example.com");
     let body = random_bytes(SIZE, 11);
     std::fs::write(dir.join("big.bin"), &body).unwrap();
-    let (_server, backend) = s_server(&dir, "files.example.com", &["-WWW"]);
+    let (_server, backend) = s_server(dir, "files.example.com", &["-WWW"]);
     let toml = format!(
         r#"
 [admin]

@@ -14,12 +14,12 @@ use common::{spawn_logged, wait_line, wait_listening, BIN};
 
 /// The page's DOM once its scripts have run, as Chromium renders it.
 fn rendered(url: &str) -> Option<String> {
-    let profile = std::env::temp_dir().join(format!("tcplb-chromium-{}", std::process::id()));
+    let profile = common::tempdir("chromium");
     let out = Command::new("timeout")
         .arg("60")
         .arg("chromium")
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000"])
-        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(["--dump-dom", url])
         .output()
         .ok()?;

@@ -19,9 +19,8 @@ fn systemd_analyze_verifies_the_unit() {
     for must in ["Type=notify", "RestartPreventExitStatus=2", "--check"] {
         assert!(unit.contains(must), "the unit lacks {must}");
     }
-    let dir = std::env::temp_dir().join(format!("tcplb-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tcplb.service");
+    let dir = common::tempdir("unit");
+    let path = dir.path().join("tcplb.service");
     std::fs::write(&path, unit).unwrap();
     let Ok(out) = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output()
     else {
@@ -35,10 +34,9 @@ fn systemd_analyze_verifies_the_unit() {
 
 #[test]
 fn tcplb_tells_systemd_when_it_is_ready_reloaded_and_stopping() {
-    let dir = std::env::temp_dir().join(format!("tcplb-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::tempdir("notify");
+    let dir = tmp.path();
     let socket_path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&socket_path);
     let systemd = UnixDatagram::bind(&socket_path).unwrap();
     systemd.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let config = dir.join("tcplb.toml");

@@ -170,7 +170,8 @@ fn an_upgrade_refuses_and_resets_no_connection() {
 #[test]
 fn a_failed_upgrade_leaves_the_old_process_serving() {
     let echo = thread_echo_server();
-    let dir = tempdir("upgrade-fail");
+    let tmp = tempdir("upgrade-fail");
+    let dir = tmp.path();
     let config = dir.join("tcplb.toml");
     let lb: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let good = format!("[[listener]]\nname = \"l\"\nlisten = \"{lb}\"\nupstreams = [\"{echo}\"]\n");

@@ -473,12 +473,11 @@ pub fn have_openssl() -> bool {
     Command::new("openssl").arg("version").stdout(Stdio::null()).status().is_ok()
 }
 
-/// A fresh directory under the temporary directory, for this process.
-pub fn tempdir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tcplb-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory under the temporary directory (`tcplb-WHAT-...`),
+/// removed with everything in it when the value is dropped, so that test
+/// runs do not pile up in /tmp.
+pub fn tempdir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("tcplb-{what}-")).tempdir().unwrap()
 }
 
 /// A self-signed EC certificate for `name` in `dir`: NAME.pem and NAME.key.
