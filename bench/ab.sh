@@ -106,21 +106,15 @@ if [ "$TOGETHER" = 1 ]; then
 fi
 
 echo "round, then for A and B: req/s, proxy CPU µs/request, whole-machine busy CPU µs/request, p99 latency ms ($WORKLOAD, $URL_PATH, $WORKERS workers)"
-: > "$WORK/rounds"
-for i in $(seq 1 "$ROUNDS"); do
-    if [ $((i % 2)) = 1 ]; then a=$(one "$A"); b=$(one "$B"); else b=$(one "$B"); a=$(one "$A"); fi
-    echo "$i $a $b" | tee -a "$WORK/rounds"
-done
+side_a() { one "$A"; }
+side_b() { one "$B"; }
+alternate_rounds "$ROUNDS" "$WORK/rounds" side_a side_b
 PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" <<'PY'
-import math, sys
-from median import show
-rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
-rows = [r for r in rows if r[0] > 0 and r[4] > 0 and not math.isnan(sum(r))]
-if not rows:
-    sys.exit("ab.sh: no round measured anything")
-def ratios(i):
-    return [r[4 + i] / r[i] for r in rows]
-print(f"B/A over {len(rows)} rounds (medians of per-round ratios, [95% interval of the median]): "
-      f"req/s {show(ratios(0))}, proxy CPU per request {show(ratios(1))}, machine CPU per request {show(ratios(2))}, "
-      f"p99 latency {show(ratios(3))} (CPU and latency < 1: B is cheaper or faster)")
+import sys
+from median import ratios, rounds, show
+pairs = rounds(sys.argv[1], 4, "ab.sh")
+print(f"B/A over {len(pairs)} rounds (medians of per-round ratios, [95% interval of the median]): "
+      f"req/s {show(ratios(pairs, 0))}, proxy CPU per request {show(ratios(pairs, 1))}, "
+      f"machine CPU per request {show(ratios(pairs, 2))}, "
+      f"p99 latency {show(ratios(pairs, 3))} (CPU and latency < 1: B is cheaper or faster)")
 PY

@@ -28,14 +28,7 @@ command -v iperf3 >/dev/null || { echo "bulk_defaults.sh: needs iperf3 (bench/co
 [ -x "$BIN" ] || { echo "bulk_defaults.sh: not an executable: $BIN (cargo build --release)" >&2; exit 2; }
 SERVER=18301; DEFAULTS=18302; TUNED=18303
 require_free_ports $SERVER $DEFAULTS $TUNED
-WORK=$(mktemp -d /tmp/tcplb-bulk.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/iperf.pid" ] && kill "$(cat "$WORK/iperf.pid")" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+defaults_work bulk iperf.pid
 iperf3 -s -p $SERVER -D --pidfile "$WORK/iperf.pid"
 # No health checks: a tcp probe holds iperf3's one client slot meanwhile.
 start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED bulk $'[listener.health]\ncheck = "none"\n'

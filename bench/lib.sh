@@ -83,6 +83,35 @@ tcplb_defaults() {
 }
 
 # For the scripts that measure tcplb's defaults against its tuning
+# (bulk_defaults.sh, redis_defaults.sh): a fresh WORK directory, an empty
+# PIDS (start_defaults_and_tuned adds to it) and, on exit, every pid in
+# PIDS and the server whose pid file is WORK/PIDFILE stopped, WORK removed.
+defaults_work() { # NAME PIDFILE
+    WORK=$(mktemp -d "/tmp/tcplb-$1.XXXXXX")
+    SERVER_PID_FILE=$WORK/$2
+    PIDS=()
+    trap defaults_cleanup EXIT
+}
+defaults_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$SERVER_PID_FILE" ] && kill "$(cat "$SERVER_PID_FILE")" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+
+# Runs ROUNDS rounds of the commands SIDE_A and SIDE_B (functions that print
+# one side's figures on a line), the order alternating (A B, B A, ...)
+# because whichever runs second in a pair is favoured; prints and appends
+# "ROUND A-FIGURES B-FIGURES" to FILE (ab.sh, who_pays.sh).
+alternate_rounds() { # ROUNDS FILE SIDE_A SIDE_B
+    local i a b
+    : > "$2"
+    for i in $(seq 1 "$1"); do
+        if [ $((i % 2)) = 1 ]; then a=$("$3"); b=$("$4"); else b=$("$4"); a=$("$3"); fi
+        echo "$i $a $b" | tee -a "$2"
+    done
+}
+
+# For the scripts that measure tcplb's defaults against its tuning
 # (bulk_defaults.sh, redis_defaults.sh): starts BIN twice in front of
 # 127.0.0.1:SERVER, with its defaults on DEFAULTS and tuned (tcplb_defaults,
 # log level warn) on TUNED, each in a session of its own as compare.sh

@@ -1,6 +1,7 @@
 """The median of per-round ratios and its 95% interval, for the bench scripts."""
 import math
 import statistics
+import sys
 
 
 def ci(xs):
@@ -14,6 +15,26 @@ def ci(xs):
             break
         k += 1
     return (xs[k - 1], xs[n - k]) if k >= 1 else None
+
+
+def rounds(path, width, script):
+    """The (A, B) figures of each round of a file of "ROUND A... B..." lines
+    with `width` figures a side, leaving out rounds where either side
+    measured nothing (a first figure of 0, or a nan); exits naming `script`
+    when none is left."""
+    pairs = []
+    for line in open(path):
+        r = list(map(float, line.split()[1:]))
+        if r[0] > 0 and r[width] > 0 and not math.isnan(sum(r)):
+            pairs.append((r[:width], r[width:]))
+    if not pairs:
+        sys.exit(f"{script}: no round measured anything")
+    return pairs
+
+
+def ratios(pairs, i):
+    """The per-round B/A ratios of figure `i`."""
+    return [b[i] / a[i] for a, b in pairs]
 
 
 def show(xs):

@@ -24,14 +24,7 @@ done
 [ -x "$BIN" ] || { echo "redis_defaults.sh: not an executable: $BIN (cargo build --release)" >&2; exit 2; }
 SERVER=18601; DEFAULTS=18602; TUNED=18603
 require_free_ports $SERVER $DEFAULTS $TUNED
-WORK=$(mktemp -d /tmp/tcplb-redis.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+defaults_work redis redis.pid
 redis-server --port $SERVER --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
 start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED redis
@@ -44,18 +37,15 @@ one() { # PID PORT -> "SET-req/s GET-req/s cpu-ticks"
         END { if (s == "" || g == "") { print "redis-benchmark failed" > "/dev/stderr"; exit 1 } print s, g, t }' <<<"$out"
 }
 echo "round, then defaults and tuned: SET req/s, GET req/s, proxy CPU ticks ($REDIS_N requests each)"
-: > "$WORK/rounds"
-for i in $(seq 1 "$ROUNDS"); do
-    if [ $((i % 2)) = 1 ]; then d=$(one $PID_D $DEFAULTS); t=$(one $PID_T $TUNED)
-    else t=$(one $PID_T $TUNED); d=$(one $PID_D $DEFAULTS); fi
-    echo "$i $d $t" | tee -a "$WORK/rounds"
-done
+with_defaults() { one $PID_D $DEFAULTS; }
+tuned() { one $PID_T $TUNED; }
+alternate_rounds "$ROUNDS" "$WORK/rounds" with_defaults tuned
 PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" <<'PY'
 import sys
-from median import show
-rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
+from median import rounds, show
+pairs = rounds(sys.argv[1], 3, "redis_defaults.sh")
 def ratios(i):
-    return [r[i] / r[i + 3] for r in rows]
-print(f"defaults / tuned over {len(rows)} rounds (medians of per-round ratios, [95% interval]): "
+    return [d[i] / t[i] for d, t in pairs]
+print(f"defaults / tuned over {len(pairs)} rounds (medians of per-round ratios, [95% interval]): "
       f"SET req/s {show(ratios(0))}, GET req/s {show(ratios(1))}, proxy CPU for the same requests {show(ratios(2))}")
 PY

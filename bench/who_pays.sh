@@ -60,20 +60,15 @@ one() { # PORT PROXY-PIDS -> "req/s proxy wrk backend machine"
 }
 
 echo "round, then for A and B: req/s, CPU µs/request of the proxy, wrk, the backend and the whole machine ($WORKLOAD, $WORKERS workers)"
-: > "$WORK/rounds"
-for i in $(seq 1 "$ROUNDS"); do
-    if [ $((i % 2)) = 1 ]; then a=$(one $LB "$PIDS_A"); b=$(one $LB_B "$PIDS_B"); else b=$(one $LB_B "$PIDS_B"); a=$(one $LB "$PIDS_A"); fi
-    echo "$i $a $b" | tee -a "$WORK/rounds"
-done
+side_a() { one $LB "$PIDS_A"; }
+side_b() { one $LB_B "$PIDS_B"; }
+alternate_rounds "$ROUNDS" "$WORK/rounds" side_a side_b
 PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" <<'PY'
-import math, sys
-from median import show
-rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
-rows = [r for r in rows if r[0] > 0 and r[5] > 0 and not math.isnan(sum(r))]
-if not rows:
-    sys.exit("who_pays.sh: no round measured anything")
+import sys
+from median import ratios, rounds, show
+pairs = rounds(sys.argv[1], 5, "who_pays.sh")
 names = ["req/s", "proxy CPU", "wrk CPU", "backend CPU", "machine CPU"]
-print(f"B/A over {len(rows)} rounds (medians of per-round ratios, [95% interval of the median]; CPU a request, < 1: cheaper with B):")
+print(f"B/A over {len(pairs)} rounds (medians of per-round ratios, [95% interval of the median]; CPU a request, < 1: cheaper with B):")
 for i, name in enumerate(names):
-    print(f"  {name}: {show([r[5 + i] / r[i] for r in rows])}")
+    print(f"  {name}: {show(ratios(pairs, i))}")
 PY
