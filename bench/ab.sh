@@ -22,7 +22,9 @@
 # after the backend's FIN still reach the backend, as through tcplb (nginx's
 # default closes both sockets at the first FIN and drops them).
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
-# tcplb's workers have, instead of one shared socket. URL_PATH (default /,
+# tcplb's workers have, instead of one shared socket. PEER_LOG=1 gives
+# nginx and HAProxy an access log, for a like-for-like comparison with
+# tcplb's defaults (TCPLB_AS_SHIPPED=1, whose access log is on). URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k
 # (BODY_SIZES in bench/lib.sh). WORKLOAD=tls is compare.sh's TLS workload:
 # a new TLS connection (TLS 1.3, resumed) and one request each, through a

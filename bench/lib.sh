@@ -189,7 +189,8 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when
 # NGINX_REUSEPORT=1; NGINX_HALF_CLOSE=1 sets proxy_half_close on, so that
 # it keeps the client's direction open after the backend's FIN as tcplb and
-# HAProxy do, instead of closing both sockets at the first FIN), "haproxy"
+# HAProxy do, instead of closing both sockets at the first FIN; PEER_LOG=1
+# gives it an access log, see below), "haproxy"
 # (mode tcp, WORKERS threads, 16 KiB buffers),
 # "haproxy-splice" (the same with splice both ways) or a tcplb binary
 # (--threads WORKERS; TCPLB_EXTRA: more [defaults] lines, e.g. 'splice = "off"';
@@ -198,7 +199,10 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
 # TLS by SNI instead, without terminating it: "localhost" to TLS_BACKEND,
 # any other name to TLS_DEAD (nginx ssl_preread and a map, HAProxy
 # req.ssl_sni, a tcplb route), as compare.sh's TLS workload does.
-# Sets LB_PID (what
+# PEER_LOG=1 gives the peers an access line a connection, as tcplb's
+# defaults have: nginx to a file, batched (buffer=64k flush=1s, as tcplb's
+# writer batches), HAProxy `option tcplog` to stdout (a file), the way it
+# runs in a container. Sets LB_PID (what
 # stop_lb stops) and LB_PIDS (every process to measure).
 start_lb() { # DIR WHO WORKERS PORT B1 B2
     local dir=$1 who=$2 workers=$3 port=$4 b1=$5 b2=$6 reuseport="" tls=${TLS_BACKEND:-} dead=${TLS_DEAD:-}
@@ -216,6 +220,7 @@ events { worker_connections 4096; }
 stream {
     upstream http { server 127.0.0.1:$b1; server 127.0.0.1:$b2; }
     $(if [ "${NGINX_HALF_CLOSE:-0}" = 1 ]; then echo "proxy_half_close on;"; fi)
+    $(if [ "${PEER_LOG:-0}" = 1 ]; then printf 'log_format lb "$time_iso8601 $server_port $ssl_preread_server_name $ssl_preread_alpn_protocols $remote_addr:$remote_port $upstream_addr $bytes_received $bytes_sent $session_time $status";\n    access_log %s/nginx-access.log lb buffer=64k flush=1s;' "$dir"; fi)
     $server
 }
 CONF
@@ -228,6 +233,7 @@ $(haproxy_head "$workers")
 frontend http
     bind 127.0.0.1:$port
 $([ "$who" = haproxy-splice ] && printf '    option splice-request\n    option splice-response\n')
+$([ "${PEER_LOG:-0}" = 1 ] && printf '    log stdout format raw local0\n    option tcplog\n')
 $([ -n "$tls" ] && printf '    tcp-request inspect-delay 5s\n    tcp-request content accept if { req.ssl_hello_type 1 }\n    use_backend tls if { req.ssl_sni -i localhost }\n')
     default_backend http
 backend http
@@ -236,7 +242,8 @@ $([ -z "$tls" ] && printf '    server b2 127.0.0.1:%s\n' "$b2")
 backend tls
     server t1 127.0.0.1:${tls:-$b1}
 CONF
-        setsid haproxy -f "$dir/haproxy.cfg" -q & LB_PID=$!
+        # -q would silence the log to stdout too.
+        setsid haproxy -f "$dir/haproxy.cfg" $([ "${PEER_LOG:-0}" = 1 ] || echo -q) >>"$dir/haproxy-access.log" & LB_PID=$!
         sleep 0.5
     elif [ "$who" = floor ]; then
         # It cannot route: with TLS it connects every client to TLS_BACKEND.
