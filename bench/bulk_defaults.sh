@@ -9,9 +9,13 @@
 #   DIRECTION=download bench/bulk_defaults.sh
 #   STREAMS=8 bench/bulk_defaults.sh        # iperf3 -P 8, as compare.sh's 8-stream rows
 #   ROUNDS=16 SECONDS_EACH=5 BIN=/tmp/tcplb-old bench/bulk_defaults.sh
+#   AGAINST=haproxy-splice bench/bulk_defaults.sh   # the defaults against a peer instead
 #
-# Prints each round (Gbit/s and the proxy's CPU ms per GB moved), then the
-# median of the per-round ratios with the lowest and highest.
+# AGAINST (default: tuned) is what the defaults are measured against:
+# tcplb tuned, or a peer bench/lib.sh's start_lb knows (haproxy-splice,
+# haproxy, nginx) with as many workers as cores. Prints each round (Gbit/s
+# and the proxy's CPU ms per GB moved), then the medians of the per-round
+# ratios with their 95% intervals.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 BIN=${BIN:-$(dirname "$0")/../target/release/tcplb}
@@ -19,6 +23,7 @@ ROUNDS=${ROUNDS:-10}
 SECONDS_EACH=${SECONDS_EACH:-3}
 DIRECTION=${DIRECTION:-upload}
 STREAMS=${STREAMS:-1}
+AGAINST=${AGAINST:-tuned}
 case $DIRECTION in
     upload) REVERSE="" ;;
     download) REVERSE="-R" ;;
@@ -26,36 +31,43 @@ case $DIRECTION in
 esac
 command -v iperf3 >/dev/null || { echo "bulk_defaults.sh: needs iperf3 (bench/compare.sh installs it)" >&2; exit 2; }
 [ -x "$BIN" ] || { echo "bulk_defaults.sh: not an executable: $BIN (cargo build --release)" >&2; exit 2; }
-SERVER=18301; DEFAULTS=18302; TUNED=18303
-require_free_ports $SERVER $DEFAULTS $TUNED
+SERVER=18301; DEFAULTS=18302; TUNED=18303; PEER=18304
+require_free_ports $SERVER $DEFAULTS $TUNED $PEER
 defaults_work bulk iperf.pid
 iperf3 -s -p $SERVER -D --pidfile "$WORK/iperf.pid"
 # No health checks: a tcp probe holds iperf3's one client slot meanwhile.
 start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED bulk $'[listener.health]\ncheck = "none"\n'
-one() { # NAME PID PORT -> "NAME Gbit/s bytes cpu-ms"
+if [ "$AGAINST" != tuned ]; then
+    require_lb "$AGAINST"
+    mkdir "$WORK/peer"
+    # Both of its backends are the one iperf3 server.
+    start_lb "$WORK/peer" "$AGAINST" "$(nproc)" $PEER $SERVER $SERVER
+    PIDS+=("$LB_PID")
+    PID_T=$LB_PIDS; TUNED=$PEER
+fi
+one() { # "PID..." PORT -> "Gbit/s CPU-ms/GB", then a second's pause
     local c0 c1 out
-    c0=$(cpu_ticks "$2")
-    out=$(iperf3 -c 127.0.0.1 -p "$3" -t "$SECONDS_EACH" -P "$STREAMS" $REVERSE -J | python3 -c '
+    # shellcheck disable=SC2086 # the peer's processes, one word each
+    c0=$(cpu_ticks $1)
+    out=$(iperf3 -c 127.0.0.1 -p "$2" -t "$SECONDS_EACH" -P "$STREAMS" $REVERSE -J | python3 -c '
 import json, sys
 d = json.load(sys.stdin)["end"]["sum_received"]
 print(d["bits_per_second"] / 1e9, d["bytes"])')
-    c1=$(cpu_ticks "$2")
-    echo "$1 $out $(( (c1 - c0) * 1000 / $(getconf CLK_TCK) ))"
-}
-echo "round, then defaults and tuned: Gbit/s, proxy CPU ms/GB ($DIRECTION, $STREAMS stream(s), ${SECONDS_EACH}s)"
-: > "$WORK/rounds"
-for i in $(seq 1 "$ROUNDS"); do
-    if [ $((i % 2)) = 1 ]; then d=$(one defaults $PID_D $DEFAULTS); sleep 1; t=$(one tuned $PID_T $TUNED)
-    else t=$(one tuned $PID_T $TUNED); sleep 1; d=$(one defaults $PID_D $DEFAULTS); fi
-    echo "$d $t" >> "$WORK/rounds"
-    echo "$d $t" | awk -v i="$i" '{printf "%d %.2f %.0f %.2f %.0f\n", i, $2, $4 / ($3 / 1e9), $6, $8 / ($7 / 1e9)}'
+    # shellcheck disable=SC2086
+    c1=$(cpu_ticks $1)
+    awk -v ms=$(( (c1 - c0) * 1000 / $(getconf CLK_TCK) )) '{printf "%.2f %.0f\n", $1, ms / ($2 / 1e9)}' <<<"$out"
     sleep 1
-done
-python3 - "$WORK/rounds" <<'PY'
-import statistics, sys
-rows = [l.split() for l in open(sys.argv[1])]
-gbit = sorted(float(r[1]) / float(r[5]) for r in rows)
-cpu = sorted((int(r[3]) / int(r[2])) / (int(r[7]) / int(r[6])) for r in rows)
-print("defaults / tuned over %d rounds (median, lowest-highest): Gbit/s %.3fx (%.2f-%.2f), proxy CPU per GB %.3fx (%.2f-%.2f)"
-      % (len(rows), statistics.median(gbit), gbit[0], gbit[-1], statistics.median(cpu), cpu[0], cpu[-1]))
+}
+echo "round, then defaults and $AGAINST: Gbit/s, proxy CPU ms/GB ($DIRECTION, $STREAMS stream(s), ${SECONDS_EACH}s)"
+with_defaults() { one $PID_D $DEFAULTS; }
+against() { one "$PID_T" $TUNED; }
+alternate_rounds "$ROUNDS" "$WORK/rounds" with_defaults against
+PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" "$AGAINST" <<'PY'
+import sys
+from median import rounds, show
+pairs = rounds(sys.argv[1], 2, "bulk_defaults.sh")
+def ratios(i):
+    return [d[i] / t[i] for d, t in pairs]
+print(f"defaults / {sys.argv[2]} over {len(pairs)} rounds (medians of per-round ratios, [95% interval]): "
+      f"Gbit/s {show(ratios(0))}, proxy CPU per GB {show(ratios(1))}")
 PY

@@ -101,7 +101,8 @@ defaults_cleanup() {
 # Runs ROUNDS rounds of the commands SIDE_A and SIDE_B (functions that print
 # one side's figures on a line), the order alternating (A B, B A, ...)
 # because whichever runs second in a pair is favoured; prints and appends
-# "ROUND A-FIGURES B-FIGURES" to FILE (ab.sh, who_pays.sh).
+# "ROUND A-FIGURES B-FIGURES" to FILE (ab.sh, who_pays.sh and the
+# defaults-against-tuned scripts).
 alternate_rounds() { # ROUNDS FILE SIDE_A SIDE_B
     local i a b
     : > "$2"
