@@ -37,13 +37,15 @@ defaults_work bulk iperf.pid
 iperf3 -s -p $SERVER -D --pidfile "$WORK/iperf.pid"
 # No health checks: a tcp probe holds iperf3's one client slot meanwhile.
 start_defaults_and_tuned "$WORK" "$BIN" $SERVER $DEFAULTS $TUNED bulk $'[listener.health]\ncheck = "none"\n'
+# What the defaults are measured against: its processes and its port.
+OTHER_PIDS=$PID_T; OTHER_PORT=$TUNED
 if [ "$AGAINST" != tuned ]; then
     require_lb "$AGAINST"
     mkdir "$WORK/peer"
     # Both of its backends are the one iperf3 server.
     start_lb "$WORK/peer" "$AGAINST" "$(nproc)" $PEER $SERVER $SERVER
     PIDS+=("$LB_PID")
-    PID_T=$LB_PIDS; TUNED=$PEER
+    OTHER_PIDS=$LB_PIDS; OTHER_PORT=$PEER
 fi
 one() { # "PID..." PORT -> "Gbit/s CPU-ms/GB", then a second's pause
     local c0 c1 out
@@ -60,7 +62,7 @@ print(d["bits_per_second"] / 1e9, d["bytes"])')
 }
 echo "round, then defaults and $AGAINST: Gbit/s, proxy CPU ms/GB ($DIRECTION, $STREAMS stream(s), ${SECONDS_EACH}s)"
 with_defaults() { one $PID_D $DEFAULTS; }
-against() { one "$PID_T" $TUNED; }
+against() { one "$OTHER_PIDS" $OTHER_PORT; }
 alternate_rounds "$ROUNDS" "$WORK/rounds" with_defaults against
 PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" "$AGAINST" <<'PY'
 import sys
