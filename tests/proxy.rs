@@ -488,3 +488,18 @@ async fn reused_splice_pipes_never_mix_connections() {
         }
     }
 }
+
+/// The suite runs tests in parallel, each binding ports of its own: the
+/// address a test uses for a dead backend must stay refused for the whole
+/// run, or another test's server takes the port and the dead backend
+/// answers (an echo through it came back as that server's 103 bytes).
+#[tokio::test]
+async fn a_dead_backend_address_cannot_be_taken_by_another_server() {
+    let dead = dead_addr().await;
+    assert!(
+        tokio::net::TcpListener::bind(dead).await.is_err(),
+        "another server could listen on the dead backend's address {dead}"
+    );
+    let refused = TcpStream::connect(dead).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+}

@@ -136,10 +136,18 @@ where
     (addr, task)
 }
 
-/// An address on which nothing listens (connects are refused).
+/// An address on which nothing listens (connects are refused) for the rest
+/// of the test process. Its port stays bound, without listening and without
+/// SO_REUSEADDR, so that no server of a test running in parallel can be
+/// given it; a port merely freed again could be, and the dead backend would
+/// then answer.
 pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    static RESERVED: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    RESERVED.lock().unwrap().push(s);
+    addr
 }
 
 /// Connects to `addr` and reads until EOF.
