@@ -230,6 +230,9 @@ async fn status_is_json_with_listeners_and_backends() {
     let lb = start(with_admin(l)).await;
     read_all_from(lb.addr).await;
     let b = lb.backends[0].clone();
+    // The client has the backend's FIN when read_all_from returns; the
+    // connection ends when tcplb then reads the client's own.
+    assert!(eventually(T, || b.active() == 0).await);
     assert!(eventually(T, || b.last_probe().is_some()).await);
     let (code, body) = http_request(lb.admin.unwrap(), "GET", "/status", "").await;
     assert_eq!(code, 200);
