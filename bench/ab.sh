@@ -16,13 +16,16 @@
 #   TCPLB_AS_SHIPPED=1 bench/ab.sh A B   # tcplb with its defaults (auto, access log), not tuned
 #   TOGETHER=1 bench/ab.sh tuned:target/release/tcplb shipped:target/release/tcplb   # defaults over tuned
 #   TOGETHER=1 bench/ab.sh floor target/release/tcplb   # against bench/floor, the least a tokio relay does
+#   PIN=1 TOGETHER=1 WORKLOAD=tls bench/ab.sh haproxy target/release/tcplb   # the proxy on a core of its own
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_HALF_CLOSE=1 runs nginx with proxy_half_close on: the client's bytes
 # after the backend's FIN still reach the backend, as through tcplb (nginx's
 # default closes both sockets at the first FIN and drops them).
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
-# tcplb's workers have, instead of one shared socket. PEER_LOG=1 gives
+# tcplb's workers have, instead of one shared socket. PIN=1 runs the
+# proxies on the last core and wrk and the backends on the others (one
+# worker each unless WORKERS says otherwise; bench/lib.sh). PEER_LOG=1 gives
 # nginx and HAProxy an access log, for a like-for-like comparison with
 # tcplb's defaults (TCPLB_AS_SHIPPED=1, whose access log is on). URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k

@@ -1,5 +1,19 @@
 # Shared by the bench scripts (sourced, not run).
 
+# PIN=1: the proxies run on the last core and everything else the scripts
+# start (wrk, the backends) on the others, so no proxy shares a core with
+# the client or the backends. On a small machine the client is then the
+# limit and every proxy carries about the same rate: what separates them is
+# their own CPU a connection, measured without the others' wake-ups and
+# cache misses on its core. WORKERS defaults to 1 then.
+if [ "${PIN:-0}" = 1 ]; then
+    WORKERS=${WORKERS:-1}
+    PIN_LB=$(($(nproc) - 1))
+    [ "$PIN_LB" -ge 1 ] || { echo "PIN=1 needs at least 2 cores" >&2; exit 2; }
+    command -v taskset >/dev/null || { echo "PIN=1 needs taskset (Debian: util-linux)" >&2; exit 2; }
+    taskset -p -c "0-$((PIN_LB - 1))" $$ >/dev/null
+fi
+
 # Exits 1, naming them, when any of the given 127.0.0.1 ports has a
 # listener: a leftover server would be measured in place of the real one.
 # SO_REUSEADDR as the servers use it, so TIME_WAIT does not count as busy.
@@ -275,6 +289,11 @@ CONF
     echo "$LB_PID" > "$dir/lb.pid" # for stop_lb from another (sub)shell, e.g. a trap
     # nginx's workers, a wrapper's children (pgrep fails when there are none)
     LB_PIDS="$LB_PID $( (pgrep -P "$LB_PID" || true) | tr '\n' ' ')"
+    if [ "${PIN:-0}" = 1 ]; then
+        # Every thread there is now; threads started later inherit it.
+        local pid
+        for pid in $LB_PIDS; do taskset -a -p -c "$PIN_LB" "$pid" >/dev/null; done
+    fi
 }
 
 # Stops what start_lb started in DIR; returns once it is gone (and its port free).
