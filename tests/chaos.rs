@@ -101,9 +101,9 @@ async fn backends_killed_every_second_affect_only_their_own_connections() {
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for id in 0..3u8 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
+        // Outside the ephemeral range: while a backend is down, neither an
+        // outgoing connection nor another listener can take its port.
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         tasks.push(echo_with_id(addr, id).await);
         addrs.push(addr);
     }

@@ -493,6 +493,17 @@ async fn reused_splice_pipes_never_mix_connections() {
 /// address a test uses for a dead backend must stay refused for the whole
 /// run, or another test's server takes the port and the dead backend
 /// answers (an echo through it came back as that server's 103 bytes).
+#[test]
+fn a_port_for_a_server_cannot_be_given_to_another_socket_first() {
+    let (low, high) = common::ephemeral_range();
+    let port = free_port();
+    assert!(
+        !(low..=high).contains(&port),
+        "port {port} is in the kernel's ephemeral range {low}-{high}: a server of a test running in parallel (bound to port 0), or an outgoing connection, could take it before the server meant for it binds"
+    );
+    assert_ne!(free_port(), port, "two calls gave the same port");
+}
+
 #[tokio::test]
 async fn a_dead_backend_address_cannot_be_taken_by_another_server() {
     let dead = dead_addr().await;

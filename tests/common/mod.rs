@@ -449,9 +449,42 @@ pub fn have(bin: &str) -> bool {
     Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
-/// A loopback port free a moment ago, for a server that takes a number.
+/// A free loopback port for a server that takes a number (redis-server,
+/// postgres, tcplb started as a process). It lies outside the kernel's
+/// ephemeral range, so between this call and the server's own bind no
+/// socket of a test running in parallel can be given it: those bind port 0
+/// or connect out, and get ephemeral ports. A port freed by binding port 0
+/// could be, and the server meant for it would then fail to start, or its
+/// test would reach another test's server. A counter keeps this process's
+/// calls apart; a port something else holds is passed over.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = ephemeral_range();
+    let (low, high) = (u32::from(low), u32::from(high));
+    // The wider gap, below the range (not the privileged ports) or above it.
+    let (first, last) =
+        if low.saturating_sub(1024) >= 65535 - high { (1024, low - 1) } else { (high + 1, 65535) };
+    assert!(first <= last, "the ephemeral range {low}-{high} leaves no port for a test server");
+    let span = last - first + 1;
+    // Test binaries run one after another; each starts at its own place.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(first + (start + n) % span).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {first}-{last}");
+}
+
+/// The kernel's ephemeral port range: where it picks the port of a socket
+/// bound to port 0 and of an outgoing connection.
+pub fn ephemeral_range() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut ends = text.split_whitespace().map(|v| v.parse::<u16>().unwrap());
+    (ends.next().unwrap(), ends.next().unwrap())
 }
 
 /// A redis-server on a free loopback port, without persistence, with
