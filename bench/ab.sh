@@ -65,14 +65,6 @@ case $WORKLOAD in
 esac
 WORKERS=${WORKERS:-$(nproc)}
 URL_PATH=${URL_PATH:-/}
-# The binary of a side, without its `shipped:` or `tuned:`.
-bin_of() { # WHO
-    case $1 in shipped:* | tuned:*) echo "${1#*:}" ;; *) echo "$1" ;; esac
-}
-# TCPLB_AS_SHIPPED for a side: its prefix's, or the one given for both.
-shipped_of() { # WHO
-    case $1 in shipped:*) echo 1 ;; tuned:*) echo 0 ;; *) echo "${TCPLB_AS_SHIPPED:-0}" ;; esac
-}
 # start_lb for a side, with its own TCPLB_AS_SHIPPED.
 start_side() { # DIR WHO PORT
     TCPLB_AS_SHIPPED=$(shipped_of "$2") start_lb "$1" "$(bin_of "$2")" "$WORKERS" "$3" $B1 $B2

@@ -199,6 +199,17 @@ haproxy_head() { # THREADS [GLOBAL-LINE...]
     printf 'defaults\n    mode tcp\n    balance roundrobin\n    timeout connect 3s\n    timeout client 1h\n    timeout server 1h\n'
 }
 
+# A side given as `shipped:BINARY` or `tuned:BINARY` (ab.sh, who_pays.sh):
+# tcplb with its own defaults or with tcplb_defaults' tuning, whatever
+# TCPLB_AS_SHIPPED says for the other side. The binary, without the prefix:
+bin_of() { # WHO
+    case $1 in shipped:* | tuned:*) echo "${1#*:}" ;; *) echo "$1" ;; esac
+}
+# TCPLB_AS_SHIPPED for a side: its prefix's, or the one given for both.
+shipped_of() { # WHO
+    case $1 in shipped:*) echo 1 ;; tuned:*) echo 0 ;; *) echo "${TCPLB_AS_SHIPPED:-0}" ;; esac
+}
+
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS
 # processes sharing one socket, or each with its own SO_REUSEPORT socket when

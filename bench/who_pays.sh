@@ -6,6 +6,7 @@
 # machine spend more than its own CPU; this says on whom.
 #
 #   TCPLB_AS_SHIPPED=1 WORKLOAD=tls ROUNDS=20 bench/who_pays.sh haproxy target/release/tcplb
+#   WORKLOAD=tls bench/who_pays.sh tuned:target/release/tcplb shipped:target/release/tcplb
 #
 # WORKLOAD: close (default) or tls, as in ab.sh; DURATION: seconds a run (3).
 # Prints, per round, for A and B: req/s, then the proxy's, wrk's, the
@@ -28,7 +29,7 @@ case $WORKLOAD in
 esac
 [ "$A" != "$B" ] || { echo "who_pays.sh: needs two different proxies" >&2; exit 2; }
 case "$A $B" in *nginx*nginx*) echo "who_pays.sh: runs one nginx proxy at most" >&2; exit 2 ;; esac
-for side in "$A" "$B"; do require_lb "$side"; done
+for side in "$A" "$B"; do require_lb "$(bin_of "$side")"; done
 command -v /usr/bin/time >/dev/null || { echo "who_pays.sh: needs /usr/bin/time (apt-get install time)" >&2; exit 2; }
 
 one_lb_setup who-pays
@@ -38,8 +39,8 @@ LB_B=$((LB + 1))
 require_free_ports $LB_B
 mkdir -p "$WORK/a" "$WORK/b"
 trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; one_lb_cleanup' EXIT
-start_lb "$WORK/a" "$A" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
-start_lb "$WORK/b" "$B" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
+TCPLB_AS_SHIPPED=$(shipped_of "$A") start_lb "$WORK/a" "$(bin_of "$A")" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
+TCPLB_AS_SHIPPED=$(shipped_of "$B") start_lb "$WORK/b" "$(bin_of "$B")" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
 # The backend's master and its workers (the workers do the work).
 BACKEND_MASTER=$(cat "$BACKEND_PID_FILE")
 BACKEND_PIDS="$BACKEND_MASTER $(pgrep -P "$BACKEND_MASTER" | tr '\n' ' ')"
