@@ -65,10 +65,6 @@ case $WORKLOAD in
 esac
 WORKERS=${WORKERS:-$(nproc)}
 URL_PATH=${URL_PATH:-/}
-# start_lb for a side, with its own TCPLB_AS_SHIPPED.
-start_side() { # DIR WHO PORT
-    TCPLB_AS_SHIPPED=$(shipped_of "$2") start_lb "$1" "$(bin_of "$2")" "$WORKERS" "$3" $B1 $B2
-}
 for side in "$A" "$B"; do
     require_lb "$(bin_of "$side")"
 done

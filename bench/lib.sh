@@ -209,6 +209,11 @@ bin_of() { # WHO
 shipped_of() { # WHO
     case $1 in shipped:*) echo 1 ;; tuned:*) echo 0 ;; *) echo "${TCPLB_AS_SHIPPED:-0}" ;; esac
 }
+# start_lb for such a side, with its own TCPLB_AS_SHIPPED, WORKERS workers
+# and the backends B1 and B2.
+start_side() { # DIR WHO PORT
+    TCPLB_AS_SHIPPED=$(shipped_of "$2") start_lb "$1" "$(bin_of "$2")" "$WORKERS" "$3" $B1 $B2
+}
 
 # Starts one HTTP load balancer under test on 127.0.0.1:PORT, round robin
 # over the backends B1 and B2: WHO is "nginx" (nginx stream with WORKERS

@@ -39,8 +39,8 @@ LB_B=$((LB + 1))
 require_free_ports $LB_B
 mkdir -p "$WORK/a" "$WORK/b"
 trap 'stop_lb "$WORK/a"; stop_lb "$WORK/b"; one_lb_cleanup' EXIT
-TCPLB_AS_SHIPPED=$(shipped_of "$A") start_lb "$WORK/a" "$(bin_of "$A")" "$WORKERS" $LB $B1 $B2; PIDS_A=$LB_PIDS
-TCPLB_AS_SHIPPED=$(shipped_of "$B") start_lb "$WORK/b" "$(bin_of "$B")" "$WORKERS" $LB_B $B1 $B2; PIDS_B=$LB_PIDS
+start_side "$WORK/a" "$A" $LB; PIDS_A=$LB_PIDS
+start_side "$WORK/b" "$B" $LB_B; PIDS_B=$LB_PIDS
 # The backend's master and its workers (the workers do the work).
 BACKEND_MASTER=$(cat "$BACKEND_PID_FILE")
 BACKEND_PIDS="$BACKEND_MASTER $(pgrep -P "$BACKEND_MASTER" | tr '\n' ' ')"

@@ -489,10 +489,8 @@ async fn reused_splice_pipes_never_mix_connections() {
     }
 }
 
-/// The suite runs tests in parallel, each binding ports of its own: the
-/// address a test uses for a dead backend must stay refused for the whole
-/// run, or another test's server takes the port and the dead backend
-/// answers (an echo through it came back as that server's 103 bytes).
+/// A server given a port number binds it itself, later: until then no
+/// socket of a test running in parallel may be able to take it.
 #[test]
 fn a_port_for_a_server_cannot_be_given_to_another_socket_first() {
     let (low, high) = common::ephemeral_range();
@@ -504,6 +502,10 @@ fn a_port_for_a_server_cannot_be_given_to_another_socket_first() {
     assert_ne!(free_port(), port, "two calls gave the same port");
 }
 
+/// The suite runs tests in parallel, each binding ports of its own: the
+/// address a test uses for a dead backend must stay refused for the whole
+/// run, or another test's server takes the port and the dead backend
+/// answers (an echo through it came back as that server's 103 bytes).
 #[tokio::test]
 async fn a_dead_backend_address_cannot_be_taken_by_another_server() {
     let dead = dead_addr().await;
