@@ -66,10 +66,8 @@ against() { one "$OTHER_PIDS" $OTHER_PORT; }
 alternate_rounds "$ROUNDS" "$WORK/rounds" with_defaults against
 PYTHONPATH="$(dirname "$0")" python3 - "$WORK/rounds" "$AGAINST" <<'PY'
 import sys
-from median import rounds, show
-pairs = rounds(sys.argv[1], 2, "bulk_defaults.sh")
-def ratios(i):
-    return [d[i] / t[i] for d, t in pairs]
+from median import ratios, rounds, show, swapped
+pairs = swapped(rounds(sys.argv[1], 2, "bulk_defaults.sh"))
 print(f"defaults / {sys.argv[2]} over {len(pairs)} rounds (medians of per-round ratios, [95% interval]): "
-      f"Gbit/s {show(ratios(0))}, proxy CPU per GB {show(ratios(1))}")
+      f"Gbit/s {show(ratios(pairs, 0))}, proxy CPU per GB {show(ratios(pairs, 1))}")
 PY

@@ -41,6 +41,11 @@ def ratios(pairs, i):
     return [b[i] / a[i] for a, b in pairs]
 
 
+def swapped(pairs):
+    """The same rounds with A and B exchanged (their ratios then read A/B)."""
+    return [(b, a) for a, b in pairs]
+
+
 def show(xs):
     """`1.012x [0.990-1.034]`: the median, then its interval when there is one."""
     lo_hi = ci(xs)
@@ -55,8 +60,7 @@ def pooled(first, second):
     a, b = rounds(first, 4, "median.py pool"), rounds(second, 4, "median.py pool")
     names = ["req/s", "proxy CPU per request", "machine CPU per request", "p99 latency"]
     print(f"pooled over {len(a)} + {len(b)} rounds, the second side of the first run over the first: "
-          + ", ".join(f"{n} {show([y[i] / x[i] for x, y in a] + [x[i] / y[i] for x, y in b])}"
-                      for i, n in enumerate(names)))
+          + ", ".join(f"{n} {show(ratios(a, i) + ratios(swapped(b), i))}" for i, n in enumerate(names)))
 
 
 if __name__ == "__main__":
