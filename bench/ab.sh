@@ -17,6 +17,7 @@
 #   TOGETHER=1 bench/ab.sh tuned:target/release/tcplb shipped:target/release/tcplb   # defaults over tuned
 #   TOGETHER=1 bench/ab.sh floor target/release/tcplb   # against bench/floor, the least a tokio relay does
 #   PIN=1 TOGETHER=1 WORKLOAD=tls bench/ab.sh haproxy target/release/tcplb   # the proxy on a core of its own
+#   CAP=0.25 TOGETHER=1 WORKLOAD=tls bench/ab.sh nginx target/release/tcplb   # each proxy held to a quarter of a core
 #
 # WORKERS (default: cores) is tcplb's --threads and nginx's worker_processes;
 # NGINX_HALF_CLOSE=1 runs nginx with proxy_half_close on: the client's bytes
@@ -25,7 +26,9 @@
 # NGINX_REUSEPORT=1 gives each nginx worker its own SO_REUSEPORT socket, as
 # tcplb's workers have, instead of one shared socket. PIN=1 runs the
 # proxies on the last core and wrk and the backends on the others (one
-# worker each unless WORKERS says otherwise; bench/lib.sh). PEER_LOG=1 gives
+# worker each unless WORKERS says otherwise; bench/lib.sh). CAP=F holds each
+# proxy to F of a core (a cgroup CPU quota; bench/lib.sh), so that the
+# proxy, not the client, sets the rate. PEER_LOG=1 gives
 # nginx and HAProxy an access log, for a like-for-like comparison with
 # tcplb's defaults (TCPLB_AS_SHIPPED=1, whose access log is on). URL_PATH (default /,
 # a 19-byte body) may ask for a larger body: /body/1k ... /body/1024k

@@ -14,6 +14,53 @@ if [ "${PIN:-0}" = 1 ]; then
     taskset -p -c "0-$((PIN_LB - 1))" $$ >/dev/null
 fi
 
+# CAP=F (a fraction of one core, 0.25 say): each proxy runs in a cgroup of
+# its own that may use F of a core, a CFS quota over a 10 ms period. The
+# proxy is then the limit, as it is on a machine with cores to spare for
+# the client and the backends, and its rate is F over its CPU a connection.
+# Check that the proxies' CPU reads F and wrk stays below a full core.
+# Needs cgroup v2's cpu.max or v1's cpu controller, writable (root).
+CAP_ROOT=""
+if [ -n "${CAP:-}" ]; then
+    [[ $CAP =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v f="$CAP" 'BEGIN { exit !(f >= 0.1 && f <= 64) }' ||
+        { echo "CAP=$CAP: want the cores each proxy may use, 0.1 to 64, such as 0.25" >&2; exit 2; }
+    if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+        CAP_ROOT=/sys/fs/cgroup
+        # v2 gives a child the cpu controller only when its parent hands it on.
+        grep -qw cpu $CAP_ROOT/cgroup.subtree_control 2>/dev/null ||
+            echo +cpu > $CAP_ROOT/cgroup.subtree_control 2>/dev/null || true
+    elif [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+        CAP_ROOT=/sys/fs/cgroup/cpu
+    fi
+    [ -n "$CAP_ROOT" ] && [ -w "$CAP_ROOT" ] ||
+        { echo "CAP=$CAP needs a writable cgroup cpu controller (run as root)" >&2; exit 2; }
+fi
+
+# Moves the processes PID... (and their threads, and children they start
+# later) into a new cgroup NAME limited to CAP of a core (at least 0.1:
+# the kernel takes no quota below 1 ms a period).
+cap_cpu() { # NAME PID...
+    local dir="$CAP_ROOT/$1" period=10000 quota pid
+    shift
+    quota=$(awk -v f="$CAP" -v p=$period 'BEGIN { printf "%d", f * p }')
+    mkdir -p "$dir"
+    if [ -f "$dir/cpu.max" ]; then
+        echo "$quota $period" > "$dir/cpu.max"
+    else
+        echo $period > "$dir/cpu.cfs_period_us"
+        echo "$quota" > "$dir/cpu.cfs_quota_us"
+    fi
+    for pid in "$@"; do echo "$pid" > "$dir/cgroup.procs"; done
+}
+
+# Removes the cgroup NAME once nothing is left in it.
+uncap_cpu() { # NAME
+    local dir="$CAP_ROOT/$1"
+    [ -n "$CAP_ROOT" ] && [ -d "$dir" ] || return 0
+    for _ in $(seq 1 50); do rmdir "$dir" 2>/dev/null && return 0; sleep 0.1; done
+    echo "cgroup $dir still has processes" >&2
+}
+
 # Exits 1, naming them, when any of the given 127.0.0.1 ports has a
 # listener: a leftover server would be measured in place of the real one.
 # SO_REUSEADDR as the servers use it, so TIME_WAIT does not count as busy.
@@ -310,6 +357,8 @@ CONF
         local pid
         for pid in $LB_PIDS; do taskset -a -p -c "$PIN_LB" "$pid" >/dev/null; done
     fi
+    [ -n "${CAP:-}" ] && cap_cpu "tcplb-bench-$port" $LB_PIDS
+    echo "$port" > "$dir/lb.port"
 }
 
 # Stops what start_lb started in DIR; returns once it is gone (and its port free).
@@ -321,6 +370,10 @@ stop_lb() { # DIR
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true # returns at once for nginx, not our child
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if [ -f "$1/lb.port" ]; then
+        uncap_cpu "tcplb-bench-$(cat "$1/lb.port")"
+        rm -f "$1/lb.port"
+    fi
 }
 
 cpu_ticks() { # pids... -> user + system clock ticks, all threads
