@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+own_proxies compare.sh
 ROOT=$PWD
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}        # seconds per wrk run

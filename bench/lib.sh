@@ -36,6 +36,13 @@ if [ -n "${CAP:-}" ]; then
         { echo "CAP=$CAP needs a writable cgroup cpu controller (run as root)" >&2; exit 2; }
 fi
 
+# For a script that starts its proxies itself, not with start_lb: PIN and
+# CAP would pin or cap nothing there, so they are refused.
+own_proxies() { # SCRIPT
+    [ "${PIN:-0}" != 1 ] && [ -z "${CAP:-}" ] ||
+        { echo "$1: PIN and CAP apply to proxies started by start_lb; this script starts its own (use ab.sh)" >&2; exit 2; }
+}
+
 # Moves the processes PID... (and their threads, and children they start
 # later) into a new cgroup NAME limited to CAP of a core (at least 0.1:
 # the kernel takes no quota below 1 ms a period).

@@ -15,6 +15,7 @@
 # per-round ratios with their 95% intervals.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+own_proxies redis_defaults.sh
 BIN=${BIN:-$(dirname "$0")/../target/release/tcplb}
 ROUNDS=${ROUNDS:-16}
 REDIS_N=${REDIS_N:-100000}
