@@ -364,8 +364,9 @@ CONF
         local pid
         for pid in $LB_PIDS; do taskset -a -p -c "$PIN_LB" "$pid" >/dev/null; done
     fi
-    [ -n "${CAP:-}" ] && cap_cpu "tcplb-bench-$port" $LB_PIDS
-    echo "$port" > "$dir/lb.port"
+    # Named after the pid in lb.pid, from which stop_lb finds it again.
+    [ -n "${CAP:-}" ] && cap_cpu "tcplb-bench-$LB_PID" $LB_PIDS
+    return 0
 }
 
 # Stops what start_lb started in DIR; returns once it is gone (and its port free).
@@ -377,10 +378,7 @@ stop_lb() { # DIR
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true # returns at once for nginx, not our child
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if [ -f "$1/lb.port" ]; then
-        uncap_cpu "tcplb-bench-$(cat "$1/lb.port")"
-        rm -f "$1/lb.port"
-    fi
+    uncap_cpu "tcplb-bench-$pid"
 }
 
 cpu_ticks() { # pids... -> user + system clock ticks, all threads
